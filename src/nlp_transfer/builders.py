@@ -1,0 +1,85 @@
+"""Build run components from a composed config with ``hydra.utils.instantiate``.
+
+Shared by train, eval, predict and export so that a checkpoint's stored config always
+rebuilds exactly the model that was trained.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning import Callback
+from pytorch_lightning.loggers import Logger
+
+from nlp_transfer.data.base import TransferDataModule
+from nlp_transfer.encoders.base import Encoder
+from nlp_transfer.module import TransferModule
+
+log = logging.getLogger(__name__)
+
+
+def build_encoder(cfg: DictConfig) -> Encoder:
+    return instantiate(cfg.encoder)
+
+
+def build_datamodule(
+    cfg: DictConfig, encoder: Encoder, labels: list[str] | None = None, **overrides: Any
+) -> TransferDataModule:
+    """The datamodule, sharing the encoder's tokenizer and capped at its max length."""
+    max_length = min(int(cfg.data.get("max_length", encoder.max_length)), encoder.max_length)
+    kw: dict[str, Any] = {"tokenizer": encoder.tokenizer, "max_length": max_length, **overrides}
+    if labels is not None:
+        kw["labels"] = labels
+    return instantiate(cfg.data, **kw, _convert_="partial")
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without Hydra's own node, as plain data for checkpoints."""
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    return container
+
+
+def build_module(cfg: DictConfig, encoder: Encoder, labels: list[str], task: str) -> TransferModule:
+    model_cfg = cfg.get("model") or {}
+    return TransferModule(
+        encoder=encoder,
+        head=instantiate(cfg.head, _partial_=True),
+        strategy=instantiate(cfg.strategy),
+        labels=labels,
+        task=task,
+        optimizer=instantiate(cfg.optimizer, _partial_=True),
+        scheduler=instantiate(cfg.scheduler, _partial_=True) if cfg.get("scheduler") else None,
+        layer_pooling=(
+            instantiate(cfg.layer_pooling, _partial_=True) if cfg.get("layer_pooling") else None
+        ),
+        subword_pooling=(
+            instantiate(cfg.subword_pooling, _partial_=True)
+            if task == "sequence_labeling" and cfg.get("subword_pooling")
+            else None
+        ),
+        log_grad_norm=bool(model_cfg.get("log_grad_norm", False)),
+        check_finite_loss=bool(model_cfg.get("check_finite_loss", True)),
+        run_config=plain_config(cfg),
+    )
+
+
+def build_callbacks(cfg: DictConfig) -> list[Callback]:
+    callbacks = []
+    for name, cb_cfg in (cfg.get("callbacks") or {}).items():
+        if cb_cfg is not None and "_target_" in cb_cfg:
+            log.debug("callback %s: %s", name, cb_cfg._target_)
+            callbacks.append(instantiate(cb_cfg))
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig) -> list[Logger]:
+    loggers = []
+    for _, lg_cfg in (cfg.get("logger") or {}).items():
+        if lg_cfg is not None and "_target_" in lg_cfg:
+            loggers.append(instantiate(lg_cfg))
+    return loggers

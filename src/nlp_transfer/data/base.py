@@ -1,0 +1,273 @@
+"""Shared machinery of the task datamodules: split files, slicing, validation carve-out,
+tokenization caching through ``datasets`` and the dataloaders."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from pytorch_lightning import LightningDataModule
+from torch.utils.data import DataLoader
+
+from nlp_transfer.data.errors import ConfigError, DataError
+from nlp_transfer.data.labels import LabelVocab
+from nlp_transfer.data.readers import find_split_file
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("NLP_TRANSFER_CACHE", Path.home() / ".cache" / "nlp_transfer"))
+
+
+def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
+    return {
+        "class": type(tokenizer).__name__,
+        "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+        "vocab_size": len(tokenizer),
+        "lower": bool(getattr(tokenizer, "do_lower_case", False)),
+    }
+
+
+def stable_hash(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+class TransferDataModule(LightningDataModule):
+    """Base class: subclasses implement :meth:`read_split`, :meth:`labels_of`,
+    :meth:`to_columns` and :meth:`tokenize_batch`, and set ``task`` and ``suffixes``.
+
+    Splits come from ``data_dir`` (``train.*``, optional ``validation.*``/``test.*``) or
+    explicit ``<split>_file`` keys (an explicit key wins). Without a validation split a
+    seeded ``val_fraction`` of train is carved out.
+    """
+
+    task: str = ""
+    suffixes: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        tokenizer: Any = None,
+        data_dir: str | None = None,
+        train_file: str | None = None,
+        validation_file: str | None = None,
+        test_file: str | None = None,
+        labels: Sequence[str] | None = None,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        split_seed: int = 42,
+        max_train_examples: int | None = None,
+        max_eval_examples: int | None = None,
+        cache_dir: str | None = None,
+        cache_tokenization: bool = True,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.data_dir = Path(data_dir) if data_dir else None
+        self.files = {"train": train_file, "validation": validation_file, "test": test_file}
+        self.fixed_labels = list(labels) if labels else None
+        self.max_length = int(max_length)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        if not 0.0 < val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.max_train_examples = max_train_examples
+        self.max_eval_examples = max_eval_examples
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "tokenized"
+        self.cache_tokenization = cache_tokenization
+        self.vocab: LabelVocab | None = None
+        self.examples: dict[str, list[Any]] = {}
+        self.datasets: dict[str, Dataset] = {}
+        self.sources: dict[str, str] = {}
+
+    # -- to implement -------------------------------------------------------------------
+    def read_split(self, path: Path) -> list[Any]:
+        raise NotImplementedError
+
+    def labels_of(self, example: Any) -> list[str]:
+        """Every label string the example uses (one for classification, tags for NER)."""
+        raise NotImplementedError
+
+    def to_columns(self, examples: list[Any]) -> dict[str, list[Any]]:
+        raise NotImplementedError
+
+    def tokenize_batch(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        raise NotImplementedError
+
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # -- split resolution -----------------------------------------------------------------
+    def split_path(self, split: str) -> Path | None:
+        explicit = self.files.get(split)
+        if explicit:
+            path = Path(explicit)
+            if not path.is_file():
+                raise DataError(f"{path}: file not found (data.{split}_file)")
+            return path
+        if self.data_dir is None:
+            if split == "train":
+                raise ConfigError(
+                    "no training data: set data.data_dir=<dir with train.*> or data.train_file"
+                )
+            return None
+        if not self.data_dir.is_dir():
+            raise DataError(f"{self.data_dir}: data directory not found (data.data_dir)")
+        path = find_split_file(self.data_dir, split, self.suffixes)
+        if path is None and split == "train":
+            raise DataError(
+                f"{self.data_dir}: no train file; expected one of "
+                f"{[f'train{s}' for s in self.suffixes]}"
+            )
+        return path
+
+    def load_examples(self) -> None:
+        """Read every split (once), slice, carve validation, build and check labels."""
+        if self.examples:
+            return
+        for split in SPLITS:
+            path = self.split_path(split)
+            if path is not None:
+                self.examples[split] = self.read_split(path)
+                self.sources[split] = str(path)
+        if "validation" not in self.examples:
+            self._carve_validation()
+        self._slice()
+        if self.fixed_labels is not None:
+            self.vocab = LabelVocab(self.fixed_labels)
+        else:
+            self.vocab = LabelVocab.from_labels(
+                lab for ex in self.examples["train"] for lab in self.labels_of(ex)
+            )
+        for split in ("validation", "test"):
+            for ex in self.examples.get(split, []):
+                for lab in self.labels_of(ex):
+                    if lab not in self.vocab:
+                        self.vocab.encode(lab, source=getattr(ex, "source", split))
+        counts = {k: len(v) for k, v in self.examples.items()}
+        log.info("data %s: %s examples, %d labels", self.task, counts, len(self.vocab))
+
+    def _carve_validation(self) -> None:
+        train = self.examples["train"]
+        if len(train) < 2:
+            raise DataError(
+                f"{self.sources['train']}: {len(train)} example(s) cannot be split into "
+                "train and validation; add a validation file"
+            )
+        gen = torch.Generator().manual_seed(self.split_seed)
+        order = torch.randperm(len(train), generator=gen).tolist()
+        n_val = max(1, round(len(train) * self.val_fraction))
+        self.examples["validation"] = [train[i] for i in sorted(order[:n_val])]
+        self.examples["train"] = [train[i] for i in sorted(order[n_val:])]
+        self.sources["validation"] = f"{self.sources['train']} (seeded {self.val_fraction:.0%})"
+        log.info("no validation split: carved %d examples out of train", n_val)
+
+    def _slice(self) -> None:
+        """Deterministic prefixes, so a slice is the same in every run and every process."""
+        if self.max_train_examples:
+            self.examples["train"] = self.examples["train"][: self.max_train_examples]
+        if self.max_eval_examples:
+            for split in ("validation", "test"):
+                if split in self.examples:
+                    self.examples[split] = self.examples[split][: self.max_eval_examples]
+
+    @property
+    def labels(self) -> list[str]:
+        self.load_examples()
+        assert self.vocab is not None
+        return self.vocab.labels
+
+    # -- tokenization -----------------------------------------------------------------------
+    def cache_key(self, split: str) -> str:
+        return stable_hash(
+            {
+                "task": self.task,
+                "columns": self.to_columns(self.examples[split]),
+                "labels": self.vocab.labels if self.vocab else None,
+                "tokenizer": tokenizer_identity(self.tokenizer),
+                "max_length": self.max_length,
+                "options": self.tokenization_options(),
+            }
+        )
+
+    def tokenization_options(self) -> dict[str, Any]:
+        return {}
+
+    def tokenized(self, split: str) -> Dataset:
+        if split in self.datasets:
+            return self.datasets[split]
+        self.load_examples()
+        if split not in self.examples:
+            raise DataError(
+                f"no '{split}' split: add {split}.* to data.data_dir or data.{split}_file"
+            )
+        ds = Dataset.from_dict(self.to_columns(self.examples[split]))
+        kw: dict[str, Any] = {"batched": True, "remove_columns": ds.column_names}
+        if self.cache_tokenization:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            kw["cache_file_name"] = str(self.cache_dir / f"{self.task}-{self.cache_key(split)}.arrow")
+            kw["load_from_cache_file"] = True
+            kw["new_fingerprint"] = self.cache_key(split)  # our key; skips datasets' hashing
+        ds = ds.map(self.tokenize_batch, desc=f"tokenizing {split}", **kw)
+        self.datasets[split] = ds
+        return ds
+
+    def setup(self, stage: str | None = None) -> None:
+        self.load_examples()
+        wanted = {"fit": ["train", "validation"], "validate": ["validation"], "test": ["test"]}
+        for split in wanted.get(stage or "", list(SPLITS)):
+            if split in self.examples:
+                self.tokenized(split)
+
+    # -- loaders ----------------------------------------------------------------------------
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        return DataLoader(
+            self.tokenized(split),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, self.eval_batch_size)
+
+    def split_dataloader(self, split: str) -> DataLoader:
+        return self._loader(split, False, self.eval_batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"labels": self.labels, "task": self.task}
+
+
+def pad_to(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]

@@ -1,0 +1,170 @@
+"""Export a checkpoint as a folder transformers can load, plus our head and label map.
+
+``python -m nlp_transfer.export ckpt_path=<ckpt> [output_dir=<new dir>]`` writes:
+
+- ``config.json``, ``model.safetensors``, tokenizer files: ``AutoModel.from_pretrained``
+  and ``AutoTokenizer.from_pretrained`` load them (``id2label``/``label2id`` are set);
+- ``head.safetensors``: head, layer pooling and subword pooling weights (no auxiliary heads);
+- ``nlp_transfer.json``: task, labels and the configs that rebuild the head.
+
+:func:`load_export` rebuilds the full model; with ``verify=true`` the export is reloaded
+and must reproduce the checkpoint's predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+
+from nlp_transfer.builders import build_datamodule, build_module
+from nlp_transfer.checkpoint import read_checkpoint, restore
+from nlp_transfer.data.base import TransferDataModule
+from nlp_transfer.encoders.transformer import TransformerEncoder
+from nlp_transfer.module import TransferModule
+from nlp_transfer.utils.io import atomic_write_json, guard_new_output
+from nlp_transfer.utils.resolvers import CONFIG_DIR
+
+log = logging.getLogger(__name__)
+
+META = "nlp_transfer.json"
+HEAD_WEIGHTS = "head.safetensors"
+EXPORTED_PARTS = ("head.", "layer_pooling.", "subword_pooling.")
+
+
+class ExportError(RuntimeError):
+    """The export cannot be written or does not reproduce the checkpoint."""
+
+
+def export_module(module: TransferModule, out_dir: str | Path) -> Path:
+    out = guard_new_output(out_dir, "export directory")
+    encoder = module.encoder
+    merge = getattr(module.strategy, "merge_for_export", None)
+    if callable(merge):
+        merge(module)  # e.g. LoRA adapters folded into the base weights
+    if not isinstance(encoder, TransformerEncoder):
+        raise ExportError(f"export supports transformers encoders, not {type(encoder).__name__}")
+    out.mkdir(parents=True, exist_ok=True)
+    hf_model = encoder.model
+    hf_model.config.id2label = dict(enumerate(module.labels))
+    hf_model.config.label2id = {label: i for i, label in enumerate(module.labels)}
+    hf_model.save_pretrained(out, safe_serialization=True)
+    encoder.tokenizer.save_pretrained(out)
+    head_state = {
+        k: v.detach().cpu().contiguous()
+        for k, v in module.state_dict().items()
+        if k.startswith(EXPORTED_PARTS)
+    }
+    save_file(head_state, str(out / HEAD_WEIGHTS))
+    cfg = module.run_config
+    atomic_write_json(
+        out / META,
+        {
+            "format_version": 1,
+            "task": module.task,
+            "labels": module.labels,
+            "head": cfg.get("head"),
+            "layer_pooling": cfg.get("layer_pooling"),
+            "subword_pooling": cfg.get("subword_pooling"),
+            "data": cfg.get("data"),
+            "max_length": encoder.max_length,
+            "encoder_source": encoder.name_or_path,
+        },
+    )
+    return out
+
+
+def load_export(path: str | Path) -> tuple[TransferModule, TransferDataModule]:
+    """Rebuild the exported model (encoder, head, pooling) ready for prediction."""
+    path = Path(path)
+    meta_file = path / META
+    if not meta_file.is_file():
+        raise ExportError(f"{path}: no {META}; not a folder written by nlp_transfer.export")
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    cfg = OmegaConf.create(
+        {
+            "encoder": {
+                "_target_": "nlp_transfer.encoders.transformer.TransformerEncoder",
+                "name_or_path": str(path),
+                "max_length": meta["max_length"],
+            },
+            "strategy": {"_target_": "nlp_transfer.strategies.simple.FullFineTuning"},
+            "optimizer": {"_target_": "torch.optim.AdamW", "lr": 0.0},
+            "head": meta["head"],
+            "layer_pooling": meta["layer_pooling"],
+            "subword_pooling": meta["subword_pooling"],
+            "data": {**meta["data"], "data_dir": None, "train_file": None},
+        }
+    )
+    encoder = hydra.utils.instantiate(cfg.encoder)
+    module = build_module(cfg, encoder, meta["labels"], meta["task"])
+    state = load_file(str(path / HEAD_WEIGHTS))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k.startswith(EXPORTED_PARTS)]
+    if missing or unexpected:
+        raise ExportError(
+            f"{path}: head weights do not fit (missing {missing}, unexpected {unexpected})"
+        )
+    module.eval()
+    return module, build_datamodule(cfg, encoder, labels=meta["labels"])
+
+
+def sample_texts(datamodule: TransferDataModule, n: int = 32) -> list[str]:
+    try:
+        datamodule.load_examples()
+    except Exception:  # data not reachable from here: fall back to fixed sentences
+        return ["a fine example sentence .", "this is not good at all", "Paris is in France ."]
+    split = "test" if "test" in datamodule.examples else "validation"
+    return [getattr(e, "text", None) or " ".join(e.tokens) for e in datamodule.examples[split][:n]]
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    run = read_checkpoint(cfg.ckpt_path)
+    out_dir = (
+        Path(cfg.output_dir) if cfg.get("output_dir") else Path(cfg.paths.output_dir) / "export"
+    )
+    module, datamodule = restore(run)
+    texts = sample_texts(datamodule) if cfg.get("verify", True) else []
+    reference = None
+    if texts and module.task == "classification":
+        from nlp_transfer.predict import predict_texts
+
+        reference = list(predict_texts(module, datamodule, texts))
+    export_module(module, out_dir)
+    result: dict[str, Any] = {"export_dir": str(out_dir)}
+    if reference is not None:
+        # compare against predictions taken before export (export may merge adapters)
+        loaded, data = load_export(out_dir)
+        from nlp_transfer.predict import predict_texts
+
+        again = list(predict_texts(loaded, data, texts))
+        worst = 0.0
+        for ra, rb in zip(reference, again):
+            if ra["label"] != rb["label"]:
+                raise ExportError(
+                    f"export predicts {rb['label']!r} for {ra['text']!r}, checkpoint {ra['label']!r}"
+                )
+            worst = max(worst, *(abs(ra["probs"][k] - rb["probs"][k]) for k in ra["probs"]))
+        if worst > 1e-4:
+            raise ExportError(f"export probabilities differ from the checkpoint's by {worst:.2e}")
+        result["verified_examples"] = len(texts)
+        result["max_prob_diff"] = worst
+        log.info("export verified on %d examples (max prob diff %.2e)", len(texts), worst)
+    log.info("exported to %s", out_dir)
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
+def main(cfg: DictConfig) -> None:
+    export(cfg)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

@@ -1,0 +1,292 @@
+"""The LightningModule: encoder → layer pooling → (subword pooling) → head.
+
+Components arrive already built (encoder, strategy) or as partials still missing their
+sizes (head, layer pooling, optimizer, scheduler); nothing is looked up from strings.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from pytorch_lightning import LightningModule
+from torch import nn
+
+from nlp_transfer.encoders.base import Encoder
+from nlp_transfer.metrics.classification import PerClassReport, classification_metrics
+from nlp_transfer.strategies.base import TrainableSpec, TransferStrategy
+
+log = logging.getLogger(__name__)
+
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the training loss becomes NaN or infinite."""
+
+
+class TransferModule(LightningModule):
+    """Composes an encoder, a head and a transfer strategy.
+
+    Args:
+        encoder: a built :class:`Encoder`.
+        head: partial taking ``input_size`` and ``num_labels``.
+        strategy: a :class:`TransferStrategy`.
+        labels: label vocabulary (stored in checkpoints).
+        task: ``classification`` or ``sequence_labeling``.
+        optimizer: partial taking parameter groups (its ``lr`` is the base LR).
+        scheduler: partial taking ``optimizer`` and ``num_training_steps``, or ``None``.
+        layer_pooling: partial taking ``num_hidden_states`` and ``hidden_size``; ``None``
+            means the last hidden state.
+        subword_pooling: sequence labeling only: subword → word features.
+        run_config: the resolved run config as plain data, saved in checkpoints so that
+            eval/predict/export can rebuild the model.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        head: Callable[..., nn.Module],
+        strategy: TransferStrategy,
+        labels: list[str],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        task: str = "classification",
+        scheduler: Callable[..., Any] | None = None,
+        layer_pooling: Callable[..., nn.Module] | None = None,
+        subword_pooling: Callable[..., nn.Module] | None = None,
+        log_grad_norm: bool = False,
+        check_finite_loss: bool = True,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.labels = list(labels)
+        self.task = task
+        self.layer_pooling = (
+            layer_pooling(num_hidden_states=encoder.num_layers + 1, hidden_size=encoder.hidden_size)
+            if layer_pooling is not None
+            else None
+        )
+        size = (
+            self.layer_pooling.output_size
+            if self.layer_pooling is not None
+            else encoder.hidden_size
+        )
+        self.subword_pooling = subword_pooling() if subword_pooling is not None else None
+        if self.subword_pooling is not None:
+            size = self.subword_pooling.output_size(size)
+        self.feature_size = size
+        self.head = head(input_size=size, num_labels=len(self.labels))
+        self.aux_heads = nn.ModuleDict()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.log_grad_norm = log_grad_norm
+        self.check_finite_loss = check_finite_loss
+        self.run_config = run_config or {}
+        self.strategy = strategy
+        self._build_metrics()
+        self.spec: TrainableSpec = strategy.compile(self)
+        self.last_test_report: dict[str, float] = {}
+
+    # -- metrics ---------------------------------------------------------------------------
+    def _build_metrics(self) -> None:
+        n = len(self.labels)
+        if self.task == "classification":
+            base = classification_metrics(n)
+            self.val_metrics = base.clone(prefix="val/")
+            self.test_metrics = base.clone(prefix="test/")
+            self.test_report = PerClassReport(self.labels)
+        else:
+            from nlp_transfer.metrics.entity import EntityF1
+
+            self.val_metrics = EntityF1(self.labels)
+            self.test_metrics = EntityF1(self.labels)
+            self.test_report = None
+
+    # -- parameters ------------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {
+            "trainable_params": trainable,
+            "total_params": total,
+            "frozen_params": total - trainable,
+        }
+
+    @property
+    def frozen_encoder(self) -> bool:
+        return self.spec.frozen_encoder
+
+    def train(self, mode: bool = True) -> TransferModule:
+        super().train(mode)
+        if self.frozen_encoder:
+            self.encoder.eval()  # feature extraction: no encoder dropout
+        return self
+
+    # -- forward ---------------------------------------------------------------------------
+    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features the head reads, and their mask."""
+        ctx = torch.no_grad() if self.frozen_encoder else nullcontext()
+        with ctx:
+            hidden = self.encoder(
+                batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+            )
+        feats = self.layer_pooling(hidden) if self.layer_pooling is not None else hidden[-1]
+        mask = batch["attention_mask"]
+        if self.subword_pooling is not None:
+            feats = self.subword_pooling(feats, batch["word_map"], batch["word_mask"].shape[1])
+            mask = batch["word_mask"]
+        return feats, mask
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, mask = self.encode(batch)
+        return self.head(feats, mask), mask
+
+    # -- steps -----------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits, mask = self(batch)
+        loss = self.head.loss(logits, batch["labels"], mask)
+        if self.check_finite_loss and not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at global step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch {batch_idx}). Lower optimizer.lr, keep "
+                "trainer.gradient_clip_val set, add warmup, or try trainer=default (fp32)."
+            )
+        self.log(
+            "train/loss",
+            loss,
+            prog_bar=True,
+            on_step=True,
+            on_epoch=True,
+            batch_size=batch["labels"].shape[0],
+        )
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        logits, mask = self(batch)
+        labels = batch["labels"]
+        loss = self.head.loss(logits, labels, mask)
+        self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=labels.shape[0], sync_dist=True)
+        preds = self.head.decode(logits, mask)
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        if self.task == "classification":
+            metrics.update(preds, labels)
+            if stage == "test":
+                self.test_report.update(preds, labels)
+        else:
+            metrics.update(preds, labels, mask & (labels != -100))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _log_epoch_metrics(self, stage: str) -> dict[str, float]:
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        values = metrics.compute()
+        metrics.reset()
+        if self.task != "classification":
+            values = {f"{stage}/{k}": v for k, v in values.items()}
+        flat = {k: float(v) for k, v in values.items()}
+        self.log_dict(flat, prog_bar=stage == "val")
+        return flat
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+        if self.test_report is not None:
+            self.last_test_report = {
+                f"test/per_class/{k}": v for k, v in self.test_report.compute().items()
+            }
+            self.test_report.reset()
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        logits, mask = self(batch)
+        out = {"preds": self.head.decode(logits, mask)}
+        if hasattr(self.head, "probabilities"):
+            out["probs"] = self.head.probabilities(logits, mask)
+        for key in ("sentence_id", "word_offset", "word_mask"):
+            if key in batch:
+                out[key] = batch[key]
+        return out
+
+    # -- optimisation ----------------------------------------------------------------------
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """One optimizer group per strategy group (split into decay / no-decay)."""
+        base_lr = float(self.optimizer_factory.keywords.get("lr", 1e-3))
+        wd_default = float(self.optimizer_factory.keywords.get("weight_decay", 0.0))
+        names = {id(p): n for n, p in self.named_parameters()}
+        groups = []
+        for g in self.spec.groups:
+            params = [p for p in g.params if p.requires_grad]
+            decay = [p for p in params if not names.get(id(p), "").endswith(NO_DECAY)]
+            no_decay = [p for p in params if names.get(id(p), "").endswith(NO_DECAY)]
+            wd = wd_default if g.weight_decay is None else g.weight_decay
+            for suffix, ps, w in (("", decay, wd), ("/no_decay", no_decay, 0.0)):
+                if ps:
+                    groups.append(
+                        {
+                            "params": ps,
+                            "lr": base_lr * g.lr_scale,
+                            "weight_decay": w,
+                            "name": g.name + suffix,
+                        }
+                    )
+        if not groups:
+            raise ValueError(f"strategy '{self.strategy.name}' leaves no trainable parameter")
+        return groups
+
+    def configure_optimizers(self) -> Any:
+        groups = self.optimizer_groups()
+        optimizer = self.optimizer_factory(groups)
+        counts = self.parameter_counts()
+        log.info(
+            "strategy %s: %s trainable / %s total parameters",
+            self.strategy.name,
+            f"{counts['trainable_params']:,}",
+            f"{counts['total_params']:,}",
+        )
+        for g in optimizer.param_groups:
+            n = sum(p.numel() for p in g["params"])
+            log.info(
+                "  param group %-28s lr=%.3g wd=%.3g params=%s",
+                g["name"],
+                g["lr"],
+                g["weight_decay"],
+                f"{n:,}",
+            )
+        if self.scheduler_factory is None:
+            return optimizer
+        steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise ValueError("the LR schedule needs trainer.max_epochs or trainer.max_steps")
+        scheduler = self.scheduler_factory(optimizer=optimizer, num_training_steps=int(steps))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self.log_grad_norm:
+            return
+        for g in optimizer.param_groups:
+            grads = [p.grad.detach().norm(2) for p in g["params"] if p.grad is not None]
+            if grads:
+                self.log(
+                    f"grad_norm/{g.get('name', 'group')}", torch.stack(grads).norm(2), on_step=True
+                )
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nlp_transfer"] = {
+            "labels": self.labels,
+            "task": self.task,
+            "config": self.run_config,
+        }

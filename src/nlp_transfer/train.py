@@ -1,0 +1,180 @@
+"""Training entry point: ``python -m nlp_transfer.train [overrides]``.
+
+``train(cfg)`` can be called directly (tests do) and returns ``(metrics, objects)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from pytorch_lightning import Trainer, seed_everything
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from nlp_transfer.builders import (
+    build_callbacks,
+    build_datamodule,
+    build_encoder,
+    build_loggers,
+    build_module,
+    plain_config,
+)
+from nlp_transfer.utils.config_tree import print_config_tree
+from nlp_transfer.utils.io import OutputExistsError, atomic_write_json
+from nlp_transfer.utils.resolvers import CONFIG_DIR
+
+log = logging.getLogger(__name__)
+
+
+def _check_output_dir(out_dir: Path, resuming: bool) -> None:
+    """A new run never writes over another run's results."""
+    if resuming:
+        return
+    existing = [p for p in ("metrics.json", "checkpoints") if (out_dir / p).exists()]
+    if existing:
+        raise OutputExistsError(
+            f"{out_dir} already holds {existing} of another run; nothing was overwritten. "
+            "Use a new hydra.run.dir, or pass ckpt_path=<checkpoint> to continue that run."
+        )
+
+
+def _final_metrics(results: list[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for r in results:
+        out.update({k: float(v) for k, v in r.items()})
+    return out
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit, validate and test the best checkpoint; write ``metrics.json``."""
+    out_dir = Path(cfg.paths.output_dir)
+    _check_output_dir(out_dir, resuming=bool(cfg.get("ckpt_path")))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("extras", {}).get("print_config", True):
+        print_config_tree(cfg, save_to=out_dir / "config_tree.log")
+    if cfg.get("seed") is not None:
+        seed_everything(int(cfg.seed), workers=True)
+    if cfg.get("float32_matmul_precision"):
+        torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
+
+    encoder = build_encoder(cfg)
+    datamodule = build_datamodule(cfg, encoder)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module = build_module(cfg, encoder, datamodule.labels, datamodule.task)
+
+    callbacks = build_callbacks(cfg) + list(module.spec.callbacks)
+    loggers = build_loggers(cfg)
+    trainer: Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False
+    )
+    for lg in loggers:
+        lg.log_hyperparams(plain_config(cfg))
+
+    counts = module.parameter_counts()
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    wall = time.perf_counter() - start
+    if trainer.interrupted:
+        raise KeyboardInterrupt("training was interrupted; the last checkpoint is kept")
+
+    ckpt_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+    best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
+    eval_ckpt = best if best else None  # None: the weights in memory (e.g. fast_dev_run)
+    metrics: dict[str, Any] = {}
+    metrics.update(
+        _final_metrics(
+            trainer.validate(module, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False)
+        )
+    )
+    if cfg.get("test", True) and "test" in datamodule.examples:
+        metrics.update(
+            _final_metrics(
+                trainer.test(module, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False)
+            )
+        )
+        metrics.update(module.last_test_report)
+    metrics = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
+    metrics.update(
+        {
+            "best_checkpoint": str(Path(best).resolve()) if best else None,
+            "best_epoch": _best_epoch(ckpt_cb),
+            "epochs": int(trainer.current_epoch),
+            "global_steps": int(trainer.global_step),
+            "train_wall_s": round(wall, 3),
+            **counts,
+            "seed": cfg.get("seed"),
+            "task": datamodule.task,
+            "strategy": module.strategy.name,
+        }
+    )
+    if trainer.is_global_zero:
+        atomic_write_json(out_dir / "metrics.json", metrics)
+        _print_summary(metrics, out_dir)
+    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "cfg": cfg}
+
+
+def _best_epoch(ckpt_cb: ModelCheckpoint | None) -> int | None:
+    if ckpt_cb is None or not ckpt_cb.best_model_path:
+        return None
+    stem = Path(ckpt_cb.best_model_path).stem  # "epoch=3-step=120..."
+    for part in stem.split("-"):
+        if part.startswith("epoch="):
+            try:
+                return int(part.split("=")[1].split("_")[0])
+            except ValueError:
+                return None
+    return None
+
+
+def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
+    shown = {k: v for k, v in metrics.items() if "/per_class/" not in k}
+    width = max(len(k) for k in shown)
+    lines = [
+        f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}"
+        for k, v in shown.items()
+    ]
+    log.info("final metrics (%s):\n%s", out_dir / "metrics.json", "\n".join(lines))
+
+
+def run_and_record(cfg: DictConfig) -> dict[str, Any]:
+    """``train`` plus a ``status.json`` that records success or the error (for sweeps)."""
+    out_dir = Path(cfg.paths.output_dir)
+    started = time.time()
+    try:
+        metrics, _ = train(cfg)
+    except OutputExistsError:
+        raise  # the dir belongs to another run: write nothing into it
+    except BaseException as e:
+        atomic_write_json(
+            out_dir / "status.json",
+            {
+                "status": "failed",
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(),
+                "wall_s": round(time.time() - started, 3),
+            },
+        )
+        raise
+    atomic_write_json(
+        out_dir / "status.json", {"status": "completed", "wall_s": round(time.time() - started, 3)}
+    )
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns the optimized metric for sweepers."""
+    metrics = run_and_record(cfg)
+    key = cfg.get("optimized_metric")
+    return metrics.get(key) if key else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""OmegaConf resolvers used by the configs. Imported by every entry point."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+CONFIG_DIR = PROJECT_ROOT / "conf"
+
+
+def project_root() -> str:
+    """The repository root (the folder holding ``conf/``); ``NLP_TRANSFER_ROOT`` overrides."""
+    return os.environ.get("NLP_TRANSFER_ROOT", str(PROJECT_ROOT))
+
+
+def minilm_dir() -> str:
+    from nlp_transfer.encoders.transformer import packaged_minilm_dir
+
+    return packaged_minilm_dir()
+
+
+def wandb_offline() -> bool:
+    """Offline unless an API key is configured (env var or ~/.netrc entry)."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return True
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    netrc = Path.home() / ".netrc"
+    return not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("project_root", project_root, replace=True)
+    OmegaConf.register_new_resolver("minilm_dir", minilm_dir, replace=True)
+    OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
+    # cached: the output dir must resolve to the same value every time it is read
+    OmegaConf.register_new_resolver(
+        "run_suffix", lambda: secrets.token_hex(3), use_cache=True, replace=True
+    )
+
+
+register_resolvers()
