@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning import Callback
 from pytorch_lightning.loggers import Logger
 
@@ -38,9 +38,11 @@ def build_datamodule(
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config without Hydra's own node, as plain data for checkpoints."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     assert isinstance(container, dict)
-    container.pop("hydra", None)
     return container
 
 

@@ -29,9 +29,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.extras.get("print_config", True):
         print_config_tree(cfg)
     run = read_checkpoint(cfg.ckpt_path)
-    overrides: dict[str, Any] = dict(
-        OmegaConf.to_container(cfg.get("data_overrides") or {}, resolve=True)
-    )
+    overrides: dict[str, Any] = {}
+    if cfg.get("data_overrides"):
+        overrides.update(OmegaConf.to_container(cfg.data_overrides, resolve=True))
     if cfg.get("data_dir"):
         overrides.update(
             data_dir=str(cfg.data_dir), train_file=None, validation_file=None, test_file=None

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 import traceback
 from pathlib import Path
@@ -121,16 +122,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _best_epoch(ckpt_cb: ModelCheckpoint | None) -> int | None:
+    """Epoch of the best checkpoint, read from its name ``epoch_003-step_120.ckpt``."""
     if ckpt_cb is None or not ckpt_cb.best_model_path:
         return None
-    stem = Path(ckpt_cb.best_model_path).stem  # "epoch=3-step=120..."
-    for part in stem.split("-"):
-        if part.startswith("epoch="):
-            try:
-                return int(part.split("=")[1].split("_")[0])
-            except ValueError:
-                return None
-    return None
+    match = re.search(r"epoch_(\d+)", Path(ckpt_cb.best_model_path).name)
+    return int(match.group(1)) if match else None
 
 
 def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:

@@ -1,0 +1,64 @@
+# `make train` and `make test` install whatever is missing first (into .venv).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed first, only where none is importable: on a GPU machine with torch
+# already installed nothing changes; `make install TORCH_SPEC=torch` picks PyPI's default.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help install train eval predict export test test-full lint format clean clean-logs clean-cache demo-data
+
+help:  ## show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements.txt
+	@touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the package with dev extras
+
+train: install  ## train the default experiment (ARGS="experiment=sst2 ...")
+	$(PY) -m nlp_transfer.train $(ARGS)
+
+eval: install  ## evaluate a checkpoint: ARGS="ckpt_path=<ckpt> split=test"
+	$(PY) -m nlp_transfer.eval $(ARGS)
+
+predict: install  ## predict: ARGS="ckpt_path=<ckpt> input=<file or ->"
+	$(PY) -m nlp_transfer.predict $(ARGS)
+
+export: install  ## export for transformers: ARGS="ckpt_path=<ckpt> output_dir=<dir>"
+	$(PY) -m nlp_transfer.export $(ARGS)
+
+test: install  ## fast tests (under ~10 minutes on 2 CPU cores)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-full: install  ## every test, including slow ones (real MiniLM, real data, DDP)
+	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+lint: install  ## ruff lint + format check
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+
+format: install  ## ruff fix + format
+	$(VENV)/bin/ruff check --fix src tests benchmarks scripts
+	$(VENV)/bin/ruff format src tests benchmarks scripts
+
+demo-data: install  ## regenerate the bundled demo datasets (data/demo)
+	$(PY) scripts/make_demo_data.py
+
+clean:  ## remove build and test caches (never runs, logs or checkpoints)
+	rm -rf build dist .pytest_cache .ruff_cache src/*.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -print -exec rm -rf {} +
+
+clean-cache:  ## remove tokenization and feature caches (.cache/)
+	rm -rf .cache
+
+clean-logs:  ## DELETE all runs under logs/ (checkpoints, metrics): asks first
+	@read -p "Delete every run under logs/ (checkpoints and metrics)? [y/N] " ans && [ "$$ans" = y ] && rm -rf logs || echo "kept logs/"
