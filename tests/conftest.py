@@ -19,7 +19,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-SHARED_DATA = Path(os.environ.get("NLP_TRANSFER_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+SHARED_DATA = Path(
+    os.environ.get("NLP_TRANSFER_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data")
+)
 FAST = [
     "encoder=tiny",
     "trainer=cpu",
@@ -50,7 +52,9 @@ def compose_config(
 def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     """``make_cfg(*overrides, name="train", run="run")`` → a fast config in tmp_path."""
 
-    def _make(*overrides: str, name: str = "train", run: str = "run", fast: bool = True) -> DictConfig:
+    def _make(
+        *overrides: str, name: str = "train", run: str = "run", fast: bool = True
+    ) -> DictConfig:
         base = FAST if (fast and name == "train") else []
         return compose_config(name, [*base, *overrides], tmp_path / run, tmp_path / "cache")
 

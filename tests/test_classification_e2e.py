@@ -16,8 +16,17 @@ from nlp_transfer.predict import predict, predict_texts
 from nlp_transfer.train import run_and_record, train
 from nlp_transfer.utils.io import OutputExistsError
 
-REQUIRED = {"val/acc", "val/f1_macro", "test/acc", "test/f1_macro", "best_checkpoint", "epochs",
-            "train_wall_s", "trainable_params", "total_params"}
+REQUIRED = {
+    "val/acc",
+    "val/f1_macro",
+    "test/acc",
+    "test/f1_macro",
+    "best_checkpoint",
+    "epochs",
+    "train_wall_s",
+    "trainable_params",
+    "total_params",
+}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +44,7 @@ def test_train_writes_metrics_and_checkpoint(trained: tuple[dict, Path]) -> None
     run = root / "run"
     on_disk = json.loads((run / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
-    assert REQUIRED <= set(on_disk)
+    assert set(on_disk) >= REQUIRED
     assert Path(on_disk["best_checkpoint"]).is_file()
     assert on_disk["epochs"] == 2
     assert 0.0 <= on_disk["test/acc"] <= 1.0
@@ -64,13 +73,25 @@ def test_new_run_never_overwrites(trained: tuple[dict, Path], make_cfg) -> None:
 
 def test_eval_on_checkpoint(trained: tuple[dict, Path], make_cfg) -> None:
     metrics, _ = trained
-    cfg = make_cfg(f"ckpt_path={metrics['best_checkpoint']}", "split=test", "trainer=cpu",
-                   "trainer.enable_progress_bar=false", name="eval", run="eval")
+    cfg = make_cfg(
+        f"ckpt_path={metrics['best_checkpoint']}",
+        "split=test",
+        "trainer=cpu",
+        "trainer.enable_progress_bar=false",
+        name="eval",
+        run="eval",
+    )
     result, _ = evaluate(cfg)
     assert result["test/acc"] == pytest.approx(metrics["test/acc"])
     assert result["test/f1_macro"] == pytest.approx(metrics["test/f1_macro"])
-    cfg = make_cfg(f"ckpt_path={metrics['best_checkpoint']}", "split=validation", "trainer=cpu",
-                   "trainer.enable_progress_bar=false", name="eval", run="eval_val")
+    cfg = make_cfg(
+        f"ckpt_path={metrics['best_checkpoint']}",
+        "split=validation",
+        "trainer=cpu",
+        "trainer.enable_progress_bar=false",
+        name="eval",
+        run="eval_val",
+    )
     result, _ = evaluate(cfg)
     assert result["val/acc"] == pytest.approx(metrics["val/acc"])
 
@@ -79,7 +100,9 @@ def test_predict_writes_jsonl(trained: tuple[dict, Path], make_cfg, tmp_path: Pa
     metrics, _ = trained
     inp = tmp_path / "in.txt"
     inp.write_text("a wonderful film\n\nthe food was cold and bland\n")
-    cfg = make_cfg(f"ckpt_path={metrics['best_checkpoint']}", f"input={inp}", name="predict", run="pred")
+    cfg = make_cfg(
+        f"ckpt_path={metrics['best_checkpoint']}", f"input={inp}", name="predict", run="pred"
+    )
     out = predict(cfg)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["text"] for r in rows] == ["a wonderful film", "the food was cold and bland"]
@@ -95,9 +118,19 @@ def test_predict_from_stdin_cli(trained: tuple[dict, Path], tmp_path: Path) -> N
     metrics, _ = trained
     out = tmp_path / "stdin_preds.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "nlp_transfer.predict", f"ckpt_path={metrics['best_checkpoint']}",
-         "input=-", f"output={out}", f"hydra.run.dir={tmp_path / 'cli'}"],
-        input="great\nterrible\n", capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "nlp_transfer.predict",
+            f"ckpt_path={metrics['best_checkpoint']}",
+            "input=-",
+            f"output={out}",
+            f"hydra.run.dir={tmp_path / 'cli'}",
+        ],
+        input="great\nterrible\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(out.read_text().splitlines()) == 2
@@ -106,7 +139,9 @@ def test_predict_from_stdin_cli(trained: tuple[dict, Path], tmp_path: Path) -> N
 def test_export_reloads_with_same_predictions(trained: tuple[dict, Path], make_cfg) -> None:
     metrics, root = trained
     out_dir = root / "export"
-    cfg = make_cfg(f"ckpt_path={metrics['best_checkpoint']}", f"output_dir={out_dir}", name="export", run="exp")
+    cfg = make_cfg(
+        f"ckpt_path={metrics['best_checkpoint']}", f"output_dir={out_dir}", name="export", run="exp"
+    )
     result = export(cfg)
     assert result["verified_examples"] > 0 and result["max_prob_diff"] <= 1e-4
     # plain transformers can load the encoder and tokenizer
@@ -121,11 +156,21 @@ def test_export_reloads_with_same_predictions(trained: tuple[dict, Path], make_c
 
 
 def test_cli_two_runs_same_second_get_distinct_dirs(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "nlp_transfer.train", "debug=fdr", "encoder=tiny",
-           f"paths.log_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}",
-           "extras.print_config=false", "logger=csv"]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nlp_transfer.train",
+        "debug=fdr",
+        "encoder=tiny",
+        f"paths.log_dir={tmp_path}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "extras.print_config=false",
+        "logger=csv",
+    ]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
     for p in procs:
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out[-3000:]

@@ -10,15 +10,42 @@ import logging
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from pytorch_lightning import Callback
 from pytorch_lightning.loggers import Logger
 
 from nlp_transfer.data.base import TransferDataModule
+from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.encoders.base import Encoder
 from nlp_transfer.module import TransferModule
 
 log = logging.getLogger(__name__)
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Fail early, naming every mandatory (``???``) value the user has not set."""
+    missing = sorted(_missing_keys(cfg))
+    if missing:
+        example = " ".join(f"{k}=<value>" for k in missing)
+        raise ConfigError(f"missing mandatory config value(s) {missing}; set them, e.g. {example}")
+
+
+def _missing_keys(node: Any, prefix: str = "") -> list[str]:
+    """Keys whose value is ``???``, found without resolving interpolations."""
+    found = []
+    if isinstance(node, DictConfig):
+        items = [(str(k), node._get_node(k)) for k in node if k != "hydra"]
+    elif isinstance(node, ListConfig):
+        items = [(str(i), node._get_node(i)) for i in range(len(node))]
+    else:
+        return found
+    for key, child in items:
+        name = f"{prefix}{key}"
+        if isinstance(child, DictConfig | ListConfig):
+            found += _missing_keys(child, name + ".")
+        elif child is not None and child._is_missing():
+            found.append(name)
+    return found
 
 
 def build_encoder(cfg: DictConfig) -> Encoder:

@@ -9,6 +9,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from nlp_transfer.builders import check_required
 from nlp_transfer.checkpoint import read_checkpoint, restore
 from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.utils.config_tree import print_config_tree
@@ -22,6 +23,7 @@ SPLIT_PREFIX = {"train": "train", "validation": "val", "test": "test"}
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Score the checkpoint on one split; write ``metrics.json`` into the run folder."""
+    check_required(cfg)
     if cfg.split not in SPLIT_PREFIX:
         raise ConfigError(f"split={cfg.split!r} is not valid; choose one of {list(SPLIT_PREFIX)}")
     out_dir = Path(cfg.paths.output_dir)

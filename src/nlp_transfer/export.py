@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
-from nlp_transfer.builders import build_datamodule, build_module
+from nlp_transfer.builders import build_datamodule, build_module, check_required
 from nlp_transfer.checkpoint import read_checkpoint, restore
 from nlp_transfer.data.base import TransferDataModule
 from nlp_transfer.encoders.transformer import TransformerEncoder
@@ -125,6 +125,7 @@ def sample_texts(datamodule: TransferDataModule, n: int = 32) -> list[str]:
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
+    check_required(cfg)
     run = read_checkpoint(cfg.ckpt_path)
     out_dir = (
         Path(cfg.output_dir) if cfg.get("output_dir") else Path(cfg.paths.output_dir) / "export"

@@ -16,6 +16,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from nlp_transfer.builders import check_required
 from nlp_transfer.checkpoint import read_checkpoint, restore
 from nlp_transfer.data.errors import DataError
 from nlp_transfer.module import TransferModule
@@ -72,6 +73,7 @@ def predict_texts(
 
 
 def predict(cfg: DictConfig) -> Path:
+    check_required(cfg)
     out_path = (
         Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / "predictions.jsonl"
     )

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 from pytorch_lightning import Trainer, seed_everything
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import WandbLogger
 
 from nlp_transfer.builders import (
     build_callbacks,
@@ -24,6 +25,7 @@ from nlp_transfer.builders import (
     build_encoder,
     build_loggers,
     build_module,
+    check_required,
     plain_config,
 )
 from nlp_transfer.utils.config_tree import print_config_tree
@@ -54,6 +56,7 @@ def _final_metrics(results: list[dict[str, float]]) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit, validate and test the best checkpoint; write ``metrics.json``."""
+    check_required(cfg)
     out_dir = Path(cfg.paths.output_dir)
     _check_output_dir(out_dir, resuming=bool(cfg.get("ckpt_path")))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,10 +118,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "strategy": module.strategy.name,
         }
     )
+    _finish_loggers(loggers)
     if trainer.is_global_zero:
         atomic_write_json(out_dir / "metrics.json", metrics)
         _print_summary(metrics, out_dir)
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "cfg": cfg}
+
+
+def _finish_loggers(loggers: list) -> None:
+    """Close wandb runs, so that a multirun's next job starts a new run and offline files
+    (``wandb-summary.json``) are complete."""
+    for lg in loggers:
+        if isinstance(lg, WandbLogger) and lg._experiment is not None:
+            lg.experiment.finish()
 
 
 def _best_epoch(ckpt_cb: ModelCheckpoint | None) -> int | None:

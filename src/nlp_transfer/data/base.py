@@ -139,9 +139,11 @@ class TransferDataModule(LightningDataModule):
 
     def load_examples(self) -> None:
         """Read every split (once), slice, carve validation, build and check labels."""
-        if self.examples:
+        if self.vocab is not None:
             return
         for split in SPLITS:
+            if split in self.examples:  # already read (e.g. from a hub dataset)
+                continue
             path = self.split_path(split)
             if path is not None:
                 self.examples[split] = self.read_split(path)

@@ -55,7 +55,7 @@ class ClassificationDataModule(TransferDataModule):
         )
 
     def load_examples(self) -> None:
-        if self.hf_dataset and not self.examples:
+        if self.hf_dataset and self.vocab is None and not self.examples:
             self._load_hf()
         super().load_examples()
 

@@ -61,6 +61,8 @@ class SubwordPooling(nn.Module):
                 f"word_map has shape {tuple(word_map.shape)}, expected {(batch, length)}"
             )
         device = token_features.device
+        if length == 0:
+            return token_features.new_zeros(batch, num_words, self.output_size(hidden))
         word_map = word_map.to(device=device, dtype=torch.long)
         valid = (word_map >= 0) & (word_map < num_words)
         # invalid subtokens go to a dump slot at index num_words, dropped at the end

@@ -333,9 +333,7 @@ class Writer:
             raise ValueError(f"array {name!r} already exists in this entry")
         return self.directory / f"{name}.npy"
 
-    def allocate(
-        self, name: str, shape: Sequence[int], dtype: Any = np.float32
-    ) -> np.memmap:
+    def allocate(self, name: str, shape: Sequence[int], dtype: Any = np.float32) -> np.memmap:
         """Create array ``name`` with its final ``shape``; returns a writable memory map."""
         path = self._new_name(name)
         arr = np.lib.format.open_memmap(
@@ -351,15 +349,16 @@ class Writer:
 
     def append(self, name: str, batch: Any) -> None:
         """Append ``batch`` along axis 0; the first batch fixes dtype and row shape."""
-        arr = np.asarray(batch)
+        if name in self._ragged:
+            raise ValueError(f"{name!r} is ragged; use append_ragged()")
+        self._append(name, np.asarray(batch), internal=False)
+
+    def _append(self, name: str, arr: np.ndarray, internal: bool) -> None:
         if arr.ndim == 0:
             raise ValueError(f"{name}: append needs at least one dimension")
         appender = self._appenders.get(name)
         if appender is None:
-            if name.endswith(_OFFSETS):
-                path = self.directory / f"{name}.npy"  # internal offsets of a ragged array
-            else:
-                path = self._new_name(name)
+            path = self.directory / f"{name}.npy" if internal else self._new_name(name)
             appender = _Appender(path, _check_dtype(arr.dtype), tuple(arr.shape[1:]))
             self._appenders[name] = appender
         appender.append(arr)
@@ -376,15 +375,15 @@ class Writer:
         if name not in self._ragged:
             if not arrays:
                 raise ValueError(f"{name}: the first append_ragged call needs items")
-            self.append(name, arrays[0][:0])
-            self.append(name + _OFFSETS, np.zeros(1, dtype=np.int64))
+            self._append(name, arrays[0][:0], internal=False)
+            self._append(name + _OFFSETS, np.zeros(1, dtype=np.int64), internal=True)
             self._ragged.add(name)
         if not arrays:
             return
         start = self._appenders[name].rows
         ends = start + np.cumsum([len(a) for a in arrays], dtype=np.int64)
-        self.append(name, np.concatenate(arrays, axis=0))
-        self.append(name + _OFFSETS, ends)
+        self._append(name, np.concatenate(arrays, axis=0), internal=False)
+        self._append(name + _OFFSETS, ends, internal=True)
 
     def update(self, n: int = 1) -> None:
         """Advance the progress bar (if ``total`` was given) by ``n`` batches."""
@@ -816,8 +815,7 @@ class FeatureCache:
             return not _pid_alive(int(parts[2]))
         try:
             newest = max(
-                [directory.stat().st_mtime]
-                + [f.stat().st_mtime for f in directory.iterdir()]
+                [directory.stat().st_mtime] + [f.stat().st_mtime for f in directory.iterdir()]
             )
         except OSError:
             return False
@@ -829,6 +827,7 @@ class FeatureCache:
         for key in self._keys():
             directory = self.root / key
             parts: dict[str, Any] | None = None
+            created = 0.0
             try:
                 entry = _open_entry(directory, key, "size")
             except CorruptEntryError as err:
@@ -907,15 +906,13 @@ def format_table(entries: Sequence[EntryInfo]) -> str:
         for e in entries
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    lines = [
-        "  ".join(
-            [*(c.rjust(w) if i == 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))]
-            + [r[4]]
-        ).rstrip()
-        for r in [header, *rows]
-    ]
+    lines = []
+    for r in [header, *rows]:
+        cells = [c.rjust(w) if i == 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        lines.append("  ".join([*cells, r[4]]).rstrip())
     total = sum(e.size_bytes for e in entries)
-    lines.append(f"{len(entries)} entries, {human_size(total)}")
+    noun = "entry" if len(entries) == 1 else "entries"
+    lines.append(f"{len(entries)} {noun}, {human_size(total)}")
     return "\n".join(lines)
 
 
