@@ -116,7 +116,11 @@ def test_long_sentence_every_word_predicted_once(tokenizer: Any) -> None:
             owned = e.owned_start <= j < e.owned_end
             assert label == (labels[e.word_offset + j] if owned else IGNORE_INDEX)
         # subtokens of the window are those of its words, in order
-        expected = [p for w in words[e.word_offset : e.word_offset + e.num_words] for p in _pieces(tokenizer, w)]
+        expected = [
+            p
+            for w in words[e.word_offset : e.word_offset + e.num_words]
+            for p in _pieces(tokenizer, w)
+        ]
         assert e.input_ids[1:-1] == expected[:30]
         assert max(e.word_map) < e.num_words
     batch = collate_aligned(examples, pad_token_id=tokenizer.pad_token_id)
@@ -136,12 +140,16 @@ def test_plan_windows_random_properties() -> None:
     for _ in range(300):
         budget = rng.randint(1, 12)
         stride = rng.randint(0, budget // 2)
-        counts = [min(budget, rng.choice([0, 1, 1, 2, 3, 5, 20])) for _ in range(rng.randint(0, 40))]
+        counts = [
+            min(budget, rng.choice([0, 1, 1, 2, 3, 5, 20])) for _ in range(rng.randint(0, 40))
+        ]
         plan = plan_windows(counts, budget, stride)
         owned = []
         for start, end, owned_start, owned_end in plan:
             assert sum(counts[start:end]) <= budget
-            assert start <= owned_start < owned_end <= end or (not counts and plan == [(0, 0, 0, 0)])
+            assert start <= owned_start < owned_end <= end or (
+                not counts and plan == [(0, 0, 0, 0)]
+            )
             owned.extend(range(owned_start, owned_end))
         assert owned == list(range(len(counts)))
 

@@ -15,6 +15,11 @@ BIO = ["O", "B-A", "I-A", "B-B", "I-B"]
 BIOES = ["O", "B-A", "I-A", "E-A", "S-A", "B-B", "E-B", "S-B"]
 
 
+def _value(tensor: torch.Tensor) -> float:
+    """A Python float from a (possibly grad-tracking) scalar tensor."""
+    return float(tensor.detach())
+
+
 def _crf(num_labels: int, allowed=None, seed: int = 0) -> LinearChainCRF:
     torch.manual_seed(seed)
     crf = LinearChainCRF(num_labels, allowed)
@@ -25,10 +30,9 @@ def _crf(num_labels: int, allowed=None, seed: int = 0) -> LinearChainCRF:
     return crf
 
 
+@torch.no_grad()
 def _path_score(crf: LinearChainCRF, emissions: torch.Tensor, path: tuple[int, ...]) -> float:
     """Score of one path over a 1-D chain, written out explicitly (penalties included)."""
-    emissions = emissions.detach()
-    crf = crf.requires_grad_(False)
     trans = crf.transitions + crf.transition_penalty
     start = crf.start + crf.start_penalty
     end = crf.end + crf.end_penalty
@@ -57,10 +61,12 @@ def test_log_partition_viterbi_nll_match_brute_force(constrained: bool) -> None:
     emissions = torch.randn(len(lengths), 4, len(labels)) * 2
     mask = torch.arange(4)[None, :] < torch.tensor(lengths)[:, None]
     tags = torch.randint(0, len(labels), (len(lengths), 4))
-    log_z = crf.log_partition(emissions, mask)
-    gold = crf.score(emissions, tags, mask)
-    paths = crf.viterbi(emissions, mask)
-    nll = crf.nll(emissions, tags, mask, reduction="none")
+    with torch.no_grad():
+        log_z = crf.log_partition(emissions, mask)
+        gold = crf.score(emissions, tags, mask)
+        paths = crf.viterbi(emissions, mask)
+        nll = crf.nll(emissions, tags, mask, reduction="none")
+        mean = crf.nll(emissions, tags, mask)
     for b, n in enumerate(lengths):
         if n == 0:
             assert float(log_z[b]) == 0.0 and float(nll[b]) == 0.0
@@ -71,7 +77,6 @@ def test_log_partition_viterbi_nll_match_brute_force(constrained: bool) -> None:
         want_gold = _path_score(crf, emissions[b, :n], tuple(tags[b, :n].tolist()))
         assert float(gold[b]) == pytest.approx(want_gold, rel=1e-5, abs=1e-4)
         assert float(nll[b]) == pytest.approx(want_z - want_gold, rel=1e-5, abs=1e-3)
-    mean = crf.nll(emissions, tags, mask)
     assert float(mean) == pytest.approx(float(nll.sum()) / 4, rel=1e-5)
 
 
@@ -140,8 +145,8 @@ def test_non_prefix_mask_is_a_compacted_chain() -> None:
     tags = torch.tensor([[2, 0, 1, 1, 2]])
     mask = torch.tensor([[False, True, True, False, True]])
     sub = emissions[:, [1, 2, 4]]
-    assert float(crf.nll(emissions, tags, mask)) == pytest.approx(
-        float(crf.nll(sub, tags[:, [1, 2, 4]])), abs=1e-5
+    assert _value(crf.nll(emissions, tags, mask)) == pytest.approx(
+        _value(crf.nll(sub, tags[:, [1, 2, 4]])), abs=1e-5
     )
     path = crf.viterbi(emissions, mask)
     assert path[0, [1, 2, 4]].tolist() == crf.viterbi(sub)[0].tolist()
@@ -161,21 +166,21 @@ def test_crf_head_loss_ignores_minus_100_and_trains() -> None:
     loss = head.loss(emissions, labels, mask)
     keep = mask & (labels != -100)
     expected = head.crf.nll(emissions, labels.clamp(min=0), keep)
-    assert float(loss) == pytest.approx(float(expected))
+    assert _value(loss) == pytest.approx(_value(expected))
     assert head.decode(emissions, mask).shape == (2, 5)
     assert torch.allclose(head.probabilities(emissions, mask)[mask].sum(-1), torch.ones(8))
     optimizer = torch.optim.Adam(head.parameters(), lr=0.05)
-    first = float(loss)
+    first = _value(loss)
     for _ in range(30):
         optimizer.zero_grad()
         step_loss = head.loss(head(features, mask), labels, mask)
         step_loss.backward()
         optimizer.step()
-    assert float(step_loss) < first / 2
+    assert _value(step_loss) < first / 2
     decoded = head.decode(head(features, mask), mask)
     assert decoded[keep].tolist() == labels[keep].tolist()
     # a batch without any labelled word gives a zero (finite) loss
-    assert float(head.loss(emissions, torch.full((2, 5), -100), mask)) == 0.0
+    assert _value(head.loss(emissions, torch.full((2, 5), -100), mask)) == 0.0
 
 
 def test_token_head() -> None:
@@ -189,9 +194,9 @@ def test_token_head() -> None:
     assert logits.shape == (2, 3, 3)
     keep = mask & (labels != -100)
     expected = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
-    assert float(head.loss(logits, labels, mask)) == pytest.approx(float(expected))
+    assert _value(head.loss(logits, labels, mask)) == pytest.approx(_value(expected))
     assert torch.equal(head.decode(logits, mask), logits.argmax(-1))
-    assert float(head.loss(logits, torch.full((2, 3), -100), mask)) == 0.0
+    assert _value(head.loss(logits, torch.full((2, 3), -100), mask)) == 0.0
     assert isinstance(TokenHead(4, 3).classifier[-1], torch.nn.Linear)
     with pytest.raises(ConfigError, match="activation"):
         TokenHead(4, 3, hidden_dim=8, activation="swish")

@@ -28,10 +28,17 @@ def write(path: Path, data: list[dict]) -> str:
 
 
 def test_hf_dataset_by_builder_with_local_files(tokenizer, tmp_path: Path) -> None:
-    files = {"train": write(tmp_path / "tr.jsonl", rows(20)), "test": write(tmp_path / "te.jsonl", rows(6))}
+    files = {
+        "train": write(tmp_path / "tr.jsonl", rows(20)),
+        "test": write(tmp_path / "te.jsonl", rows(6)),
+    }
     dm = ClassificationDataModule(
-        tokenizer=tokenizer, hf_dataset="json", hf_data_files=files, text_field="sentence",
-        cache_dir=str(tmp_path / "cache"), val_fraction=0.25,
+        tokenizer=tokenizer,
+        hf_dataset="json",
+        hf_data_files=files,
+        text_field="sentence",
+        cache_dir=str(tmp_path / "cache"),
+        val_fraction=0.25,
     )
     dm.setup("fit")
     assert dm.labels == ["0", "1"]
@@ -68,8 +75,9 @@ def test_validation_carve_out_is_seeded(tokenizer, tmp_path: Path) -> None:
     write(d / "train.jsonl", [{"text": f"text {i}", "label": "ab"[i % 2]} for i in range(50)])
 
     def val_texts(seed: int) -> list[str]:
-        dm = ClassificationDataModule(tokenizer=tokenizer, data_dir=str(d), split_seed=seed,
-                                      cache_dir=str(tmp_path / "c"))
+        dm = ClassificationDataModule(
+            tokenizer=tokenizer, data_dir=str(d), split_seed=seed, cache_dir=str(tmp_path / "c")
+        )
         dm.load_examples()
         assert len(dm.examples["train"]) + len(dm.examples["validation"]) == 50
         return [e.text for e in dm.examples["validation"]]
@@ -81,9 +89,17 @@ def test_validation_carve_out_is_seeded(tokenizer, tmp_path: Path) -> None:
 def test_dynamic_padding(tokenizer, tmp_path: Path) -> None:
     d = tmp_path / "d"
     d.mkdir()
-    write(d / "train.jsonl", [{"text": "short", "label": "a"}, {"text": "a much longer text " * 5, "label": "b"}] * 4)
-    dm = ClassificationDataModule(tokenizer=tokenizer, data_dir=str(d), batch_size=1,
-                                  cache_dir=str(tmp_path / "c"), val_fraction=0.25)
+    write(
+        d / "train.jsonl",
+        [{"text": "short", "label": "a"}, {"text": "a much longer text " * 5, "label": "b"}] * 4,
+    )
+    dm = ClassificationDataModule(
+        tokenizer=tokenizer,
+        data_dir=str(d),
+        batch_size=1,
+        cache_dir=str(tmp_path / "c"),
+        val_fraction=0.25,
+    )
     dm.setup("fit")
     widths = {b["input_ids"].shape[1] for b in dm.train_dataloader()}
     assert len(widths) == 2  # each batch padded only to its own longest sequence

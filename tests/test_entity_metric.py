@@ -54,9 +54,12 @@ def _seqeval(gold, pred, mode):
             names = sorted(Entities(gold, scheme).unique_tags | Entities(pred, scheme).unique_tags)
         else:
             names = sorted(
-                {e[0] for e in lenient.get_entities(gold)} | {e[0] for e in lenient.get_entities(pred)}
+                {e[0] for e in lenient.get_entities(gold)}
+                | {e[0] for e in lenient.get_entities(pred)}
             )
-        out["types"] = {n: (float(a), float(b), float(c), int(d)) for n, a, b, c, d in zip(names, p, r, f, s)}
+        out["types"] = {
+            n: (float(a), float(b), float(c), int(d)) for n, a, b, c, d in zip(names, p, r, f, s)
+        }
     return out
 
 
@@ -73,9 +76,9 @@ def _assert_same(result, expected, types) -> None:
     micro, macro = expected["micro"], expected["macro"]
     assert [float(result[k]) for k in ("precision", "recall", "f1")] == approx(list(micro))
     if expected["types"]:
-        assert [float(result[k]) for k in ("precision_macro", "recall_macro", "f1_macro")] == approx(
-            list(macro)
-        )
+        assert [
+            float(result[k]) for k in ("precision_macro", "recall_macro", "f1_macro")
+        ] == approx(list(macro))
     else:  # seqeval: nan (mean of nothing); EntityF1: 0
         assert float(result["f1_macro"]) == 0.0
     for name in types:
@@ -99,7 +102,11 @@ def _random_sequences(rng: random.Random, labels, n: int, valid_bias: float):
                 t = rng.choice(types)
                 size = rng.randint(1, 3)
                 if "E" in prefixes:
-                    chunk = [f"S-{t}"] if size == 1 else [f"B-{t}"] + [f"I-{t}"] * (size - 2) + [f"E-{t}"]
+                    chunk = (
+                        [f"S-{t}"]
+                        if size == 1
+                        else [f"B-{t}"] + [f"I-{t}"] * (size - 2) + [f"E-{t}"]
+                    )
                 else:
                     chunk = [f"B-{t}"] + [f"I-{t}"] * (size - 1)
                 seq.extend(chunk)

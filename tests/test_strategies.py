@@ -380,3 +380,25 @@ def test_lora_trains_adapters_and_merges(tiny_encoder: TransformerEncoder) -> No
         assert not any("lora" in n for n, _ in module.named_parameters())
         merged = module(batch)[0]
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_slanted_triangular_schedule() -> None:
+    params = [nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.SGD(
+        [{"params": params[:1], "lr": 1.0}, {"params": params[1:], "lr": 0.5}]
+    )
+    scheduler = slanted_triangular_schedule(optimizer, 100, cut_frac=0.1, ratio=32.0)
+    lrs = []
+    for _ in range(101):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx([1 / 32, 0.5 / 32])
+    assert lrs[10] == pytest.approx([1.0, 0.5])  # peak at cut = floor(T * cut_frac)
+    assert lrs[55] == pytest.approx([(1 + 0.5 * 31) / 32, 0.5 * (1 + 0.5 * 31) / 32])
+    assert lrs[100] == pytest.approx([1 / 32, 0.5 / 32])
+    assert max(range(101), key=lambda t: lrs[t][0]) == 10
+    saved = scheduler.state_dict()  # the schedule is a callable object: it is saved
+    assert saved["lr_lambdas"][0] == {"total": 100, "cut": 10, "ratio": 32.0}
+    with pytest.raises(ValueError, match="cut_frac"):
+        slanted_triangular_schedule(optimizer, 100, cut_frac=1.5)

@@ -100,7 +100,8 @@ def test_validate_unknown_prefix_always_raises() -> None:
             with pytest.raises(TagSchemeError, match=r"f\.conll:7"):
                 validate_tags(["O", bad], "IOB2", policy, source="f.conll", line_numbers=[6, 7])
     assert validate_tags(["S-PER"], "BIOES") == ["S-PER"]
-    err = pytest.raises(DataError, validate_tags, ["U-PER"], "BIOES")
+    with pytest.raises(DataError) as err:
+        validate_tags(["U-PER"], "BIOES")
     assert err.value.index == 0
 
 

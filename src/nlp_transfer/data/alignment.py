@@ -42,6 +42,7 @@ entry in ``word_map``: its pooled feature is zero but it still has a label and a
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -107,7 +108,7 @@ def plan_windows(
         need = max(prefix[end] - stride, prefix[end + 1] - budget)
         start = min(bisect.bisect_left(prefix, need, lo=start + 1), end)
     cuts = [0]
-    for (_, end), (next_start, _) in zip(spans, spans[1:]):
+    for (_, end), (next_start, _) in itertools.pairwise(spans):
         middle = -(-(prefix[next_start] + prefix[end]) // 2)
         cut = bisect.bisect_left(prefix, middle, lo=next_start, hi=end)
         cuts.append(max(cut, cuts[-1]))

@@ -211,9 +211,7 @@ def read_hf_token_dataset(
         if tags_field is not None:
             raw = list(example[tags_field])
             if len(raw) != len(tokens):
-                raise DataError(
-                    f"{source} row {row}: {len(tokens)} tokens but {len(raw)} tags"
-                )
+                raise DataError(f"{source} row {row}: {len(tokens)} tokens but {len(raw)} tags")
             tags = []
             for value in raw:
                 if isinstance(value, str):

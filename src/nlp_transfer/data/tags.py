@@ -105,8 +105,10 @@ def _check_known(
     parsed = []
     for i, tag in enumerate(tags):
         prefix, type_ = split_tag(tag)
-        if prefix not in allowed or (prefix != "O" and type_ is None) or (
-            prefix == "O" and tag != "O"
+        if (
+            prefix not in allowed
+            or (prefix != "O" and type_ is None)
+            or (prefix == "O" and tag != "O")
         ):
             line = line_numbers[i] if line_numbers is not None else None
             raise TagSchemeError(
@@ -182,16 +184,14 @@ def tags_from_entities(entities: Sequence[Entity], length: int, scheme: str = "I
         if any(t != "O" for t in tags[start:end]):
             raise ValueError(f"entity {(type_, start, end)} overlaps another entity")
         if scheme == "IOB2":
-            tags[start : end] = [f"B-{type_}"] + [f"I-{type_}"] * (end - start - 1)
+            tags[start:end] = [f"B-{type_}"] + [f"I-{type_}"] * (end - start - 1)
         elif scheme == "IOB1":
             first = "B" if (prev_end == start and prev_type == type_) else "I"
-            tags[start : end] = [f"{first}-{type_}"] + [f"I-{type_}"] * (end - start - 1)
+            tags[start:end] = [f"{first}-{type_}"] + [f"I-{type_}"] * (end - start - 1)
         elif end - start == 1:
             tags[start] = f"S-{type_}"
         else:
-            tags[start : end] = (
-                [f"B-{type_}"] + [f"I-{type_}"] * (end - start - 2) + [f"E-{type_}"]
-            )
+            tags[start:end] = [f"B-{type_}"] + [f"I-{type_}"] * (end - start - 2) + [f"E-{type_}"]
         prev_end, prev_type = end, type_
     return tags
 

@@ -42,9 +42,7 @@ class SubwordPooling(nn.Module):
         return f"mode={self.mode!r}"
 
     @staticmethod
-    def _gather(
-        features: torch.Tensor, index: torch.Tensor, present: torch.Tensor
-    ) -> torch.Tensor:
+    def _gather(features: torch.Tensor, index: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """``features[b, index[b, w]]``, zero where ``present`` is False."""
         hidden = features.shape[-1]
         safe = index.clamp(0, max(features.shape[1] - 1, 0))

@@ -114,6 +114,11 @@ class LLRD(TransferStrategy):
     def frozen_encoder(self) -> bool:
         return False if self.base is None else self.base.frozen_encoder
 
+    def merge_for_export(self, module: TransferModule) -> TransferModule:
+        """Export hook: delegate to the base strategy (e.g. merge LoRA adapters)."""
+        merge = getattr(self.base, "merge_for_export", None)
+        return merge(module) if callable(merge) else module
+
     def describe(self) -> dict[str, Any]:
         base = {"name": "full"} if self.base is None else self.base.describe()
         return {"name": self.name, "lr_decay": self.lr_decay, "base": base}

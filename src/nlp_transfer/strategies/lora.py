@@ -99,6 +99,10 @@ class LoRA(TransferStrategy):
         rest = [p for p in module.parameters() if id(p) not in enc_ids]
         return [ParamGroup("lora", adapters), ParamGroup("head", rest)]
 
+    def merge_for_export(self, module: TransferModule) -> TransferModule:
+        """Export hook: fold the adapters into the base weights (see :func:`merge`)."""
+        return merge(module)
+
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),

@@ -149,6 +149,11 @@ class ReinitTopK(TransferStrategy):
     def frozen_encoder(self) -> bool:
         return self.base.frozen_encoder
 
+    def merge_for_export(self, module: TransferModule) -> TransferModule:
+        """Export hook: delegate to the base strategy (e.g. merge LoRA adapters)."""
+        merge = getattr(self.base, "merge_for_export", None)
+        return merge(module) if callable(merge) else module
+
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
