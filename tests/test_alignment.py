@@ -195,3 +195,40 @@ def test_config_errors(tokenizer: Any) -> None:
     with pytest.raises(ValueError, match="2 words but 1 labels"):
         align_sentence(tokenizer, ["a", "b"], [0])
     assert isinstance(align_sentence(tokenizer, ["a"])[0], AlignedExample)
+
+
+def test_pipeline_windows_pool_head_merge_metric(tokenizer: Any) -> None:
+    """align -> collate -> pool -> head -> decode -> merge -> word-level metric (no encoder)."""
+    from nlp_transfer.encoders.subword_pooling import SubwordPooling
+    from nlp_transfer.heads.crf import CRFHead
+    from nlp_transfer.metrics.entity import EntityF1
+
+    labels = ["O", "B-X", "I-X"]
+    rng = random.Random(2)
+    sentences = [[rng.choice(["a", "bb", LONG_WORD]) for _ in range(n)] for n in (3, 60, 1)]
+    gold = [[rng.randrange(3) for _ in s] for s in sentences]
+    examples = align_sentences(tokenizer, sentences, gold, max_length=24, stride=6)
+    batch = collate_aligned(examples, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    token_features = torch.randn(*batch["input_ids"].shape, 8)
+    pool = SubwordPooling("first_last")
+    words = pool(token_features, batch["word_map"], batch["labels"].shape[1])
+    head = CRFHead(pool.output_size(8), 3, labels=labels, constrained=True)
+    emissions = head(words, batch["word_mask"])
+    loss = head.loss(emissions, batch["labels"], batch["word_mask"])
+    assert torch.isfinite(loss)
+    decoded = head.decode(emissions, batch["word_mask"])
+    merged = merge_window_predictions(
+        decoded,
+        batch["sentence_id"],
+        batch["word_offset"],
+        batch["owned_mask"],
+        num_words=[len(s) for s in sentences],
+    )
+    assert [len(merged[i]) for i in range(3)] == [3, 60, 1]
+    metric = EntityF1(labels)
+    metric.update_tags(
+        [[labels[p] for p in merged[i]] for i in range(3)],
+        [[labels[g] for g in gold[i]] for i in range(3)],
+    )
+    assert 0.0 <= float(metric.compute()["f1"]) <= 1.0

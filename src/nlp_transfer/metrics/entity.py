@@ -9,7 +9,7 @@ Public API::
                                              # f1/<TYPE>, precision/<TYPE>, recall/<TYPE>,
                                              # support/<TYPE>
         .report() -> dict[str, dict[str, float]]   # per type, plain floats and counts
-    extract_entities(ids, mask, ...) -> (row, start, end, type) tensors   # used internally
+        .types -> list[str]                  # entity types, sorted (derived from labels)
 
 ``labels`` is the id -> tag list (``labels[i]`` is the tag of id ``i``). It fixes the entity
 types, so the state is three ``[num_types]`` long tensors (true positives, predicted, gold)
