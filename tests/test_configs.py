@@ -39,9 +39,14 @@ def test_required_groups_exist() -> None:
         "trainer": {"default", "cpu", "gpu", "bf16"},
         "logger": {"csv", "tensorboard", "wandb", "many"},
         "debug": {"fdr", "limit", "overfit"},
-        "experiment": {"demo_classification", "sst2"},
-        "strategy": {"full", "frozen"},
-        "head": {"linear", "mlp"},
+        "experiment": {"demo_classification", "sst2", "demo_ner", "conll2003"},
+        "strategy": {"full", "frozen", "top_k", "embeddings", "layers", "gradual_unfreeze",
+                     "llrd", "reinit_top_k", "lora"},
+        "head": {"linear", "mlp", "token_linear", "token_mlp", "crf"},
+        "layer_pooling": {"last", "embeddings", "second_to_last", "sum_last_four",
+                          "concat_last_four", "scalar_mix", "layer"},
+        "data": {"demo_classification", "sst2", "demo_ner", "conll2003", "local_classification",
+                 "local_conll"},
     }.items():
         assert required <= set(options(group)), group
 
@@ -65,6 +70,9 @@ def test_option_composes_and_instantiates(
         assert data.task in ("classification", "sequence_labeling")
     elif group in ("strategy",):
         assert instantiate(cfg.strategy).name
+    elif group == "layer_pooling":
+        pool = instantiate(cfg.layer_pooling, _partial_=True)(num_hidden_states=5, hidden_size=8)
+        assert pool.output_size in (8, 32)
     elif group == "head":
         head = instantiate(cfg.head, _partial_=True)(input_size=8, num_labels=3)
         assert sum(p.numel() for p in head.parameters()) > 0

@@ -6,6 +6,7 @@ sizes (head, layer pooling, optimizer, scheduler); nothing is looked up from str
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -16,8 +17,10 @@ import torch
 from pytorch_lightning import LightningModule
 from torch import nn
 
+from nlp_transfer.data.alignment import merge_window_predictions
 from nlp_transfer.encoders.base import Encoder
 from nlp_transfer.metrics.classification import PerClassReport, classification_metrics
+from nlp_transfer.metrics.entity import EntityF1
 from nlp_transfer.strategies.base import TrainableSpec, TransferStrategy
 
 log = logging.getLogger(__name__)
@@ -80,7 +83,10 @@ class TransferModule(LightningModule):
         if self.subword_pooling is not None:
             size = self.subword_pooling.output_size(size)
         self.feature_size = size
-        self.head = head(input_size=size, num_labels=len(self.labels))
+        head_kwargs: dict[str, Any] = {"input_size": size, "num_labels": len(self.labels)}
+        if "labels" in inspect.signature(head).parameters:
+            head_kwargs["labels"] = self.labels  # e.g. a CRF with constrained transitions
+        self.head = head(**head_kwargs)
         self.aux_heads = nn.ModuleDict()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -91,6 +97,7 @@ class TransferModule(LightningModule):
         self._build_metrics()
         self.spec: TrainableSpec = strategy.compile(self)
         self.last_test_report: dict[str, float] = {}
+        self._window_buffer: dict[str, list[Any]] = {}
 
     # -- metrics ---------------------------------------------------------------------------
     def _build_metrics(self) -> None:
@@ -101,8 +108,6 @@ class TransferModule(LightningModule):
             self.test_metrics = base.clone(prefix="test/")
             self.test_report = PerClassReport(self.labels)
         else:
-            from nlp_transfer.metrics.entity import EntityF1
-
             self.val_metrics = EntityF1(self.labels)
             self.test_metrics = EntityF1(self.labels)
             self.test_report = None
@@ -178,7 +183,48 @@ class TransferModule(LightningModule):
             if stage == "test":
                 self.test_report.update(preds, labels)
         else:
-            metrics.update(preds, labels, mask & (labels != -100))
+            self._update_entity_metric(metrics, preds, batch, stage)
+
+    def _update_entity_metric(
+        self, metric: Any, preds: torch.Tensor, batch: dict[str, torch.Tensor], stage: str
+    ) -> None:
+        """Whole sentences go straight to the metric; windows of long sentences are kept
+        until the epoch ends and scored once merged, so no entity is cut at a window edge."""
+        labels, word_mask, owned = batch["labels"], batch["word_mask"], batch["owned_mask"]
+        whole = (owned == word_mask).all(dim=1)
+        metric.update(preds[whole], labels[whole], word_mask[whole])
+        if bool((~whole).any()):
+            buf = self._window_buffer.setdefault(stage, [])
+            for i in (~whole).nonzero().flatten().tolist():
+                n = int(word_mask[i].sum())
+                buf.append(
+                    (
+                        int(batch["sentence_id"][i]),
+                        int(batch["word_offset"][i]),
+                        owned[i, :n].tolist(),
+                        preds[i, :n].tolist(),
+                        labels[i, :n].tolist(),
+                    )
+                )
+
+    def _flush_windows(self, stage: str, metric: Any) -> None:
+        """Merge buffered windows (gathered from every process) and score them once."""
+        buf = self._window_buffer.pop(stage, [])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, buf)
+            if torch.distributed.get_rank() != 0:
+                return  # rank 0 adds them; metric states are summed across ranks
+            buf = [w for part in gathered for w in part]
+        if not buf:
+            return
+        sids, offsets, owned, preds, gold = zip(*buf)
+        merged_pred = merge_window_predictions(preds, sids, offsets, owned)
+        merged_gold = merge_window_predictions(gold, sids, offsets, owned)
+        for sid, pred in merged_pred.items():
+            p = torch.tensor([pred], device=metric.tp.device)
+            g = torch.tensor([merged_gold[sid]], device=metric.tp.device)
+            metric.update(p, g)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -188,6 +234,8 @@ class TransferModule(LightningModule):
 
     def _log_epoch_metrics(self, stage: str) -> dict[str, float]:
         metrics = self.val_metrics if stage == "val" else self.test_metrics
+        if self.task != "classification":
+            self._flush_windows(stage, metrics)
         values = metrics.compute()
         metrics.reset()
         if self.task != "classification":
@@ -212,7 +260,7 @@ class TransferModule(LightningModule):
         out = {"preds": self.head.decode(logits, mask)}
         if hasattr(self.head, "probabilities"):
             out["probs"] = self.head.probabilities(logits, mask)
-        for key in ("sentence_id", "word_offset", "word_mask"):
+        for key in ("sentence_id", "word_offset", "word_mask", "owned_mask"):
             if key in batch:
                 out[key] = batch[key]
         return out

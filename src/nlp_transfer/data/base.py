@@ -161,9 +161,12 @@ class TransferDataModule(LightningDataModule):
             for ex in self.examples.get(split, []):
                 for lab in self.labels_of(ex):
                     if lab not in self.vocab:
-                        self.vocab.encode(lab, source=getattr(ex, "source", split))
+                        self.vocab.encode(lab, source=self._example_source(ex))
         counts = {k: len(v) for k, v in self.examples.items()}
         log.info("data %s: %s examples, %d labels", self.task, counts, len(self.vocab))
+
+    def _example_source(self, example: Any) -> str:
+        return str(getattr(example, "source", ""))
 
     def _carve_validation(self) -> None:
         train = self.examples["train"]

@@ -138,8 +138,10 @@ class GradualUnfreezing(BaseFinetuning):
 
     # -- internals --------------------------------------------------------------------------
     def _advance(self, pl_module: pl.LightningModule, target: int, optimizer: Optimizer) -> None:
-        before = self.num_unfrozen
-        newly = self._set_trainable(pl_module, max(before, target), optimizer)
+        total = len(pl_module.encoder.layer_groups())  # type: ignore[operator]
+        if min(target, total) <= self.num_unfrozen:  # nothing to do (most batches)
+            return
+        newly = self._set_trainable(pl_module, target, optimizer)
         if not newly:
             return
         trainer = pl_module._trainer if _attached(pl_module) else None
