@@ -74,7 +74,8 @@ def test_option_composes_and_instantiates(
         pool = instantiate(cfg.layer_pooling, _partial_=True)(num_hidden_states=5, hidden_size=8)
         assert pool.output_size in (8, 32)
     elif group == "head":
-        head = instantiate(cfg.head, _partial_=True)(input_size=8, num_labels=3)
+        kw = {"labels": ["B-X", "I-X", "O"]} if option == "crf" else {}
+        head = instantiate(cfg.head, _partial_=True)(input_size=8, num_labels=3, **kw)
         assert sum(p.numel() for p in head.parameters()) > 0
     elif group == "trainer":
         if option == "gpu":

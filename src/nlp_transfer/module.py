@@ -191,7 +191,7 @@ class TransferModule(LightningModule):
         """Whole sentences go straight to the metric; windows of long sentences are kept
         until the epoch ends and scored once merged, so no entity is cut at a window edge."""
         labels, word_mask, owned = batch["labels"], batch["word_mask"], batch["owned_mask"]
-        whole = (owned == word_mask).all(dim=1)
+        whole = (batch["word_offset"] == 0) & (word_mask.sum(1) == batch["sentence_words"])
         metric.update(preds[whole], labels[whole], word_mask[whole])
         if bool((~whole).any()):
             buf = self._window_buffer.setdefault(stage, [])

@@ -166,7 +166,7 @@ class SequenceLabelingDataModule(TransferDataModule):
         }
 
     def tokenization_options(self) -> dict[str, Any]:
-        return {"label_all_subtokens": self.label_all_subtokens, "stride": self.stride, "v": 1}
+        return {"label_all_subtokens": self.label_all_subtokens, "stride": self.stride, "v": 2}
 
     def tokenize_batch(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         assert self.vocab is not None
@@ -196,10 +196,16 @@ class SequenceLabelingDataModule(TransferDataModule):
             fields.append("token_type_ids")
         if self.label_all_subtokens:
             fields.append("subtoken_labels")
-        return {f: [getattr(w, f) for w in windows] for f in fields}
+        out = {f: [getattr(w, f) for w in windows] for f in fields}
+        length = dict(zip(batch["sentence_id"], (len(t) for t in batch["tokens"])))
+        out["sentence_words"] = [length[w.sentence_id] for w in windows]
+        return out
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return collate_aligned(features, pad_token_id=self.tokenizer.pad_token_id or 0)
+        batch = collate_aligned(features, pad_token_id=self.tokenizer.pad_token_id or 0)
+        if "sentence_words" in features[0]:  # words of the whole sentence, not the window
+            batch["sentence_words"] = torch.tensor([f["sentence_words"] for f in features])
+        return batch
 
     def encode_words(self, sentences: list[list[str]]) -> list[dict[str, Any]]:
         """Windows for unlabelled pre-split sentences (prediction)."""

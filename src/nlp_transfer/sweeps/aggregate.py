@@ -58,6 +58,10 @@ class NoJobsError(ValueError):
     """The sweep dir holds no job dir (no folder with a ``.hydra/`` below it)."""
 
 
+class UnknownMetricError(ValueError):
+    """The requested primary metric is reported by no job."""
+
+
 @dataclass
 class Job:
     """One job of a sweep, as read from its folder (or expected from ``multirun.yaml``)."""
@@ -70,6 +74,16 @@ class Job:
     metrics: dict[str, Any] = field(default_factory=dict)
     wall_s: float | None = None
     seed: Any = None
+
+
+def preload() -> None:
+    """Import what ``aggregate`` imports lazily: an exit hook cannot import (some modules
+    register their own exit hooks on import, which Python refuses during shutdown)."""
+    import numpy  # noqa: F401
+    from hydra._internal.core_plugins import basic_sweeper  # noqa: F401
+    from hydra.core.override_parser import overrides_parser  # noqa: F401
+    from matplotlib.backends import backend_agg  # noqa: F401
+    from matplotlib.figure import Figure  # noqa: F401
 
 
 # --------------------------------------------------------------------------- discovery
@@ -429,9 +443,9 @@ def render_markdown(
     lines.append("| " + " | ".join(_cell(h) for h in header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
     for _, row in summary.iterrows():
-        cells = [*(row[a] for a in axes), row["n"], row["failed"]]
+        cells = [*(row[a] for a in axes), int(row["n"]), int(row["failed"])]
         if show_pending:
-            cells.append(row["running_or_missing"])
+            cells.append(int(row["running_or_missing"]))
         cells += [_mean_std(row[f"{m} mean"], row[f"{m} std"]) for m in metrics]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     failed = results[results["status"] == FAILED]
@@ -490,8 +504,8 @@ def _plot(
                 capsize=4,
                 zorder=3,
             )
-        extra = f", {row['failed']} failed" if row["failed"] else ""
-        labels.append(f"{_group_label(row, axes)}  (n={row['n']}{extra})")
+        extra = f", {int(row['failed'])} failed" if row["failed"] else ""
+        labels.append(f"{_group_label(row, axes)}  (n={int(row['n'])}{extra})")
     if len(summary):
         ax.set_yticks(list(range(n_groups - 1, -1, -1)), labels, fontsize=8)
     if done.empty or primary_metric not in done or done[primary_metric].isna().all():
@@ -555,7 +569,8 @@ def aggregate(
     Returns the per-job results. ``df.attrs`` holds ``primary_metric``, ``axes``,
     ``lower_is_better``, ``summary`` (the group table as records) and ``summary_markdown``.
     Raises ``FileNotFoundError`` when ``sweep_dir`` is not a folder, :class:`NoJobsError`
-    when no job dir is below it, and ``ValueError`` for a ``primary_metric`` no job reports.
+    when no job dir is below it, and :class:`UnknownMetricError` for a ``primary_metric`` that
+    no job reports.
     """
     root = Path(sweep_dir)
     if not root.is_dir():
@@ -570,7 +585,7 @@ def aggregate(
     configured, mode, configured_name = _configured_metric(jobs, root)
     reported = [c for c in results.columns if c.startswith(("val/", "test/"))]
     if primary_metric is not None and reported and primary_metric not in reported:
-        raise ValueError(
+        raise UnknownMetricError(
             f"metric {primary_metric!r} is not reported by any job in {root}; "
             f"available: {', '.join(reported)}"
         )
