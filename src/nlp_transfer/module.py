@@ -135,6 +135,13 @@ class TransferModule(LightningModule):
     # -- forward ---------------------------------------------------------------------------
     def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Features the head reads, and their mask."""
+        if "hidden_states" in batch:
+            # cached encoder outputs (frozen encoder + feature cache): [B, T', L+1, H] with
+            # T' = 1 for pooled sentence features or W for word features; the encoder and the
+            # subword pooling were already applied when the cache was written
+            hidden = tuple(batch["hidden_states"].unbind(dim=2))
+            feats = self.layer_pooling(hidden) if self.layer_pooling is not None else hidden[-1]
+            return feats, batch["feature_mask"]
         ctx = torch.no_grad() if self.frozen_encoder else nullcontext()
         with ctx:
             hidden = self.encoder(

@@ -57,6 +57,14 @@ def _final_metrics(results: list[dict[str, float]]) -> dict[str, float]:
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit, validate and test the best checkpoint; write ``metrics.json``."""
     check_required(cfg)
+    if cfg.head.get("kind") == "sklearn":  # SVM / random forest / logreg on frozen features
+        from nlp_transfer.features.sklearn_train import train_sklearn
+
+        return train_sklearn(cfg)
+    if cfg.get("tasks"):  # several tasks sharing one encoder
+        from nlp_transfer.multitask.train import train_multitask
+
+        return train_multitask(cfg)
     out_dir = Path(cfg.paths.output_dir)
     _check_output_dir(out_dir, resuming=bool(cfg.get("ckpt_path")))
     out_dir.mkdir(parents=True, exist_ok=True)

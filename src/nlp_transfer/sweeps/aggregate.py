@@ -400,7 +400,8 @@ def _group_label(row: pd.Series | dict[str, Any], axes: Sequence[str]) -> str:
 
 
 def _fmt(x: float) -> str:
-    return f"{x:.4f}" if abs(x) < 1000 else f"{x:.1f}"
+    """4 decimals for scores and losses, fewer for seconds and megabytes."""
+    return f"{x:.4f}" if abs(x) < 10 else f"{x:.2f}" if abs(x) < 1000 else f"{x:.1f}"
 
 
 def _mean_std(mean: float, std: float) -> str:
@@ -455,9 +456,10 @@ def render_markdown(
             where = ", ".join(f"{a}={row[OVERRIDE_PREFIX + a]}" for a in axes)
             seed = "" if pd.isna(row[SEED_KEY]) else f"seed={row[SEED_KEY]}"
             context = ", ".join(p for p in (where, seed) if p)
-            msg = (str(row["error"] or "").strip().splitlines() or [""])[0]
+            msg = " ".join(line.strip() for line in str(row["error"] or "").splitlines())
+            msg = msg if len(msg) <= 300 else msg[:299] + "…"
             lines.append(
-                f"- `{row['job_dir']}`" + (f" ({context})" if context else "") + f": {msg[:300]}"
+                f"- `{row['job_dir']}`" + (f" ({context})" if context else "") + f": {msg}"
             )
     return "\n".join(lines) + "\n"
 
