@@ -317,7 +317,7 @@ def test_real_multirun(tmp_path: Path) -> None:
         "optimizer.lr=1e-3,1e-4",
         "seed=1,2",
         f"paths.log_dir={tmp_path}",
-        "+hydra.callbacks.aggregate._target_=nlp_transfer.sweeps.callbacks.AggregateOnMultirunEnd",
+        "++hydra.callbacks.aggregate._target_=nlp_transfer.sweeps.callbacks.AggregateOnMultirunEnd",
     ]
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

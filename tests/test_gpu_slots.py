@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from nlp_transfer.sweeps.gpu_slots import ENV_VAR, acquire_gpu, available_gpu_ids, claim_gpu
+from nlp_transfer.sweeps import gpu_slots
+from nlp_transfer.sweeps.gpu_slots import (
+    ENV_VAR,
+    acquire_gpu,
+    available_gpu_ids,
+    claim_gpu,
+    gpu_for_process,
+)
 
 CTX = mp.get_context("fork")
 
@@ -116,3 +123,29 @@ def test_available_gpu_ids_reads_the_environment(monkeypatch: pytest.MonkeyPatch
     assert available_gpu_ids() == ["2", "5"]
     monkeypatch.setenv(ENV_VAR, "")
     assert available_gpu_ids() == []
+
+
+def _child_claims(lock_dir: str, out: str) -> None:
+    lease = gpu_for_process(["0", "1"], lock_dir, timeout=5, poll=0.02)
+    Path(out).write_text(lease.gpu_id if lease else "")
+
+
+def test_gpu_for_process_keeps_one_gpu_per_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setattr(gpu_slots, "_process_lease", None)
+    lease = gpu_for_process(["0", "1"], tmp_path)
+    assert lease is not None and gpu_for_process(["0", "1"], tmp_path) is lease
+    try:
+        child = CTX.Process(target=_child_claims, args=(str(tmp_path), str(tmp_path / "out")))
+        child.start()
+        child.join(timeout=30)
+        assert child.exitcode == 0
+        other = (tmp_path / "out").read_text()
+        assert other in ("0", "1") and other != lease.gpu_id
+        assert lease.held  # the child closing its inherited fd left the parent's lock alone
+        with pytest.raises(TimeoutError):
+            claim_gpu([lease.gpu_id], tmp_path, timeout=0.05, poll=0.01)
+    finally:
+        lease.release()

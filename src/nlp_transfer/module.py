@@ -248,7 +248,9 @@ class TransferModule(LightningModule):
         if self.task != "classification":
             values = {f"{stage}/{k}": v for k, v in values.items()}
         flat = {k: float(v) for k, v in values.items()}
-        self.log_dict(flat, prog_bar=stage == "val")
+        # values are already reduced over processes by torchmetrics; sync_dist only keeps
+        # Lightning from warning about epoch-level logging under DDP
+        self.log_dict(flat, prog_bar=stage == "val", sync_dist=True)
         return flat
 
     def on_validation_epoch_end(self) -> None:

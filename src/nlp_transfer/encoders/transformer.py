@@ -84,13 +84,19 @@ class TransformerEncoder(Encoder):
             config: PretrainedConfig = AutoConfig.from_pretrained(self.name_or_path, **kw)
             for key, value in (config_overrides or {}).items():
                 setattr(config, key, value)
-            if seed is not None:
-                torch.manual_seed(seed)
-            self.model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+            # a private RNG: the run's seed must still drive head init and data order
+            with torch.random.fork_rng(devices=[]):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                self.model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
         else:
             if config_overrides:
                 raise ValueError("encoder.config_overrides needs encoder.random_init=true")
             self.model = AutoModel.from_pretrained(self.name_or_path, **kw)
+        if isinstance(getattr(self.model, "pooler", None), nn.Module):
+            # BERT-style pooler: never used (heads pool hidden states themselves); removing
+            # it keeps DDP from failing on parameters that get no gradient
+            self.model.pooler = None
         self.random_init = random_init
         self.config_overrides = dict(config_overrides or {})
         self.tokenizer = AutoTokenizer.from_pretrained(

@@ -91,7 +91,7 @@ def preload() -> None:
 
 def _natural_key(text: str) -> list[Any]:
     """Sort ``2`` before ``10``: digit runs compare as numbers."""
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t]
+    return [(0, int(t), t) if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t]
 
 
 def find_job_dirs(sweep_dir: str | Path) -> list[Path]:
@@ -129,9 +129,9 @@ def parse_override(text: str) -> tuple[str, str]:
 
 
 def _read_json(path: Path) -> tuple[Any, str | None]:
-    """``(object, None)``, or ``(None, why)`` when the file is missing or unreadable."""
+    """``(object, None)``; ``(None, None)`` when missing; ``(None, why)`` when unreadable."""
     if not path.is_file():
-        return None, f"{path.name} missing"
+        return None, None
     try:
         with path.open(encoding="utf-8") as f:
             return json.load(f), None
@@ -181,7 +181,10 @@ def _job_status(status: Any, metrics: Any, metrics_error: str | None) -> tuple[s
     if isinstance(metrics, dict):
         return COMPLETED, None
     if said == COMPLETED:
-        return FAILED, f"status.json says completed but {metrics_error}"
+        return (
+            FAILED,
+            f"status.json says completed but {metrics_error or 'metrics.json is missing'}",
+        )
     if metrics is not None:
         return FAILED, "metrics.json is not a JSON object"
     return PENDING, None
@@ -194,7 +197,7 @@ def read_job(sweep_dir: Path, job_dir: Path) -> Job:
     status, status_error = _read_json(job_dir / "status.json")
     metrics, metrics_error = _read_json(job_dir / "metrics.json")
     state, error = _job_status(status, metrics, metrics_error)
-    if status is None and status_error and "unreadable" in status_error:
+    if status_error is not None:
         state, error = FAILED, status_error
     metrics = metrics if state == COMPLETED and isinstance(metrics, dict) else {}
     seed = metrics.get(SEED_KEY)
@@ -280,7 +283,8 @@ def _metric_order(names: Sequence[str]) -> list[str]:
     return val + test + rest
 
 
-def _seed_column(seeds: list[Any]) -> pd.Series | list[Any]:
+def _seed_column(seeds: list[Any]) -> Any:
+    """Integer seeds as a nullable Int64 array; anything else as it is."""
     try:
         return pd.array([None if s is None else int(s) for s in seeds], dtype="Int64")
     except (TypeError, ValueError):
@@ -586,7 +590,8 @@ def aggregate(
     results, per_class = build_tables(jobs)
     configured, mode, configured_name = _configured_metric(jobs, root)
     reported = [c for c in results.columns if c.startswith(("val/", "test/"))]
-    if primary_metric is not None and reported and primary_metric not in reported:
+    known = {*reported, *(k for j in jobs for k in j.metrics if PER_CLASS_MARK not in k)}
+    if primary_metric is not None and known and primary_metric not in known:
         raise UnknownMetricError(
             f"metric {primary_metric!r} is not reported by any job in {root}; "
             f"available: {', '.join(reported)}"

@@ -9,6 +9,9 @@ Call it before anything initialises CUDA (``torch.cuda`` caches the visible devi
 
     with acquire_gpu(available_gpu_ids(), lock_dir) as lease:
         train(cfg)  # sees one GPU; ``lease`` is None on a CPU machine
+
+A launcher that reuses worker processes across jobs (joblib/loky) must keep one GPU per
+worker instead, since a worker's CUDA context outlives a job: use ``gpu_for_process``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ENV_VAR = "CUDA_VISIBLE_DEVICES"
+_process_lease: tuple[int, GpuLease | None] | None = None
 
 
 def available_gpu_ids() -> list[str]:
@@ -159,3 +163,25 @@ def acquire_gpu(
     finally:
         if lease is not None:
             lease.release()
+
+
+def gpu_for_process(
+    gpu_ids: Sequence[str | int] | None,
+    lock_dir: str | Path,
+    timeout: float | None = None,
+    poll: float = 0.5,
+) -> GpuLease | None:
+    """Claim a GPU once per process and keep it until the process exits (the kernel then
+    drops the lock); later calls in the same process return the same lease."""
+    global _process_lease
+    if _process_lease is not None and _process_lease[0] == os.getpid():
+        return _process_lease[1]
+    if _process_lease is not None and _process_lease[1] is not None:
+        # a forked child: its copy of the parent's lock fd must not unlock the parent's GPU
+        inherited = _process_lease[1]
+        if inherited._fd is not None:
+            os.close(inherited._fd)
+            inherited._fd = None
+    lease = claim_gpu(gpu_ids, lock_dir, timeout=timeout, poll=poll)
+    _process_lease = (os.getpid(), lease)
+    return lease
