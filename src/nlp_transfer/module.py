@@ -86,6 +86,7 @@ class TransferModule(LightningModule):
         head_kwargs: dict[str, Any] = {"input_size": size, "num_labels": len(self.labels)}
         if "labels" in inspect.signature(head).parameters:
             head_kwargs["labels"] = self.labels  # e.g. a CRF with constrained transitions
+        self.head_factory, self.head_kwargs = head, head_kwargs
         self.head = head(**head_kwargs)
         self.aux_heads = nn.ModuleDict()
         self.optimizer_factory = optimizer
@@ -133,35 +134,83 @@ class TransferModule(LightningModule):
         return self
 
     # -- forward ---------------------------------------------------------------------------
-    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features the head reads, and their mask."""
+    def encode_all(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        """All hidden states, the features the head reads, and their mask."""
         if "hidden_states" in batch:
             # cached encoder outputs (frozen encoder + feature cache): [B, T', L+1, H] with
             # T' = 1 for pooled sentence features or W for word features; the encoder and the
             # subword pooling were already applied when the cache was written
             hidden = tuple(batch["hidden_states"].unbind(dim=2))
             feats = self.layer_pooling(hidden) if self.layer_pooling is not None else hidden[-1]
-            return feats, batch["feature_mask"]
+            return hidden, feats, batch["feature_mask"]
         ctx = torch.no_grad() if self.frozen_encoder else nullcontext()
         with ctx:
             hidden = self.encoder(
                 batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
             )
         feats = self.layer_pooling(hidden) if self.layer_pooling is not None else hidden[-1]
-        mask = batch["attention_mask"]
-        if self.subword_pooling is not None:
-            feats = self.subword_pooling(feats, batch["word_map"], batch["word_mask"].shape[1])
-            mask = batch["word_mask"]
+        feats, mask = self.to_words(feats, batch)
+        return hidden, feats, mask
+
+    def to_words(
+        self, feats: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Subword → word features for sequence labeling; unchanged for classification."""
+        if self.subword_pooling is None or "word_map" not in batch:
+            return feats, batch["attention_mask"]
+        words = self.subword_pooling(feats, batch["word_map"], batch["word_mask"].shape[1])
+        return words, batch["word_mask"]
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features the head reads, and their mask."""
+        _, feats, mask = self.encode_all(batch)
         return feats, mask
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         feats, mask = self.encode(batch)
         return self.head(feats, mask), mask
 
+    # -- auxiliary heads (strategy=auxiliary) -------------------------------------------------
+    def make_aux_head(self) -> nn.Module:
+        """A head like the main one, reading one raw encoder layer (no layer pooling)."""
+        size = self.encoder.hidden_size
+        if self.subword_pooling is not None:
+            size = self.subword_pooling.output_size(size)
+        return self.head_factory(**{**self.head_kwargs, "input_size": size})
+
+    def aux_losses(
+        self, hidden: tuple[torch.Tensor, ...], batch: dict[str, torch.Tensor], stage: str
+    ) -> torch.Tensor:
+        """Sum of the auxiliary heads' losses; logs each head's loss (and accuracy)."""
+        total = hidden[-1].new_zeros((), dtype=torch.float32)
+        labels = batch["labels"]
+        for name, aux in self.aux_heads.items():
+            feats, mask = self.to_words(hidden[int(name.split("_")[-1])], batch)
+            logits = aux(feats, mask)
+            loss = aux.loss(logits, labels, mask)
+            total = total + loss
+            kw: dict[str, Any] = {"on_epoch": True, "batch_size": labels.shape[0]}
+            self.log(f"{stage}/aux/{name}/loss", loss, **kw)
+            if stage != "train":
+                preds = aux.decode(logits, mask)
+                keep = labels != -100
+                acc = (preds[keep] == labels[keep]).float().mean()
+                self.log(f"{stage}/aux/{name}/acc", acc, **kw)
+        return total
+
     # -- steps -----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits, mask = self(batch)
-        loss = self.head.loss(logits, batch["labels"], mask)
+        hidden, feats, mask = self.encode_all(batch)
+        loss = self.head.loss(self.head(feats, mask), batch["labels"], mask)
+        if len(self.aux_heads):
+            weight = self.strategy.aux_weight(
+                self.global_step, self.trainer.estimated_stepping_batches
+            )
+            self.log("train/aux_weight", weight, on_step=True, on_epoch=False)
+            if weight > 0:
+                loss = loss + weight * self.aux_losses(hidden, batch, "train")
         if self.check_finite_loss and not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at global step {self.global_step} "
@@ -179,10 +228,13 @@ class TransferModule(LightningModule):
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        logits, mask = self(batch)
+        hidden, feats, mask = self.encode_all(batch)
+        logits = self.head(feats, mask)
         labels = batch["labels"]
         loss = self.head.loss(logits, labels, mask)
         self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=labels.shape[0], sync_dist=True)
+        if len(self.aux_heads):
+            self.aux_losses(hidden, batch, stage)
         preds = self.head.decode(logits, mask)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         if self.task == "classification":

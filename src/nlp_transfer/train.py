@@ -113,6 +113,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         )
         metrics.update(module.last_test_report)
     metrics = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
+    metrics.update(getattr(module, "stage_metrics", {}))  # e.g. LP-FT's stage-1 (lp/...) scores
     metrics.update(
         {
             "best_checkpoint": str(Path(best).resolve()) if best else None,
