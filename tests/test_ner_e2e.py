@@ -75,3 +75,12 @@ def test_bioes_training_reports_iob2_entities(make_cfg) -> None:
     labels = objects["module"].labels
     assert any(t.startswith("S-") for t in labels) and any(t.startswith("E-") for t in labels)
     assert 0.0 <= metrics["val/f1"] <= 1.0
+
+
+def test_ner_export_reloads_with_same_predictions(make_cfg, tmp_path: Path) -> None:
+    from nlp_transfer.export import export
+
+    metrics, _ = train(make_cfg(*NER, "trainer.max_epochs=1", "head=crf"))
+    out = tmp_path / "export"
+    result = export(make_cfg(f"ckpt_path={metrics['best_checkpoint']}", f"output_dir={out}", name="export", run="e"))
+    assert result["verified_examples"] > 0 and result["max_prob_diff"] <= 1e-4

@@ -124,6 +124,39 @@ def sample_texts(datamodule: TransferDataModule, n: int = 32) -> list[str]:
     return [getattr(e, "text", None) or " ".join(e.tokens) for e in datamodule.examples[split][:n]]
 
 
+def _predictions(
+    module: TransferModule, data: TransferDataModule, texts: list[str]
+) -> list[tuple[Any, dict[str, float]]]:
+    """(label or tags, per-item probabilities) for each text, for either task."""
+    from nlp_transfer.data.sequence_labeling import split_words
+    from nlp_transfer.predict import predict_entities, predict_texts
+
+    if module.task == "classification":
+        return [(r["label"], r["probs"]) for r in predict_texts(module, data, texts)]
+    scheme = module.run_config.get("data", {}).get("train_scheme", "IOB2")
+    items = [(t, *split_words(t)) for t in texts]
+    rows = predict_entities(module, data, items, scheme=scheme)
+    return [(r["tags"], {f"{i}": e["score"] for i, e in enumerate(r["entities"])}) for r in rows]
+
+
+def verify_export(
+    reference: list[tuple[Any, dict[str, float]]], out_dir: Path, texts: list[str]
+) -> float:
+    """Reload the export and compare with predictions taken from the checkpoint before
+    exporting (export may merge adapters); returns the largest probability difference."""
+    loaded, data = load_export(out_dir)
+    worst = 0.0
+    for text, (ref, ref_p), (got, got_p) in zip(
+        texts, reference, _predictions(loaded, data, texts)
+    ):
+        if ref != got or ref_p.keys() != got_p.keys():
+            raise ExportError(f"export predicts {got!r} for {text!r}, the checkpoint {ref!r}")
+        worst = max([worst, *(abs(ref_p[k] - got_p[k]) for k in ref_p)])
+    if worst > 1e-4:
+        raise ExportError(f"export probabilities differ from the checkpoint's by {worst:.2e}")
+    return worst
+
+
 def export(cfg: DictConfig) -> dict[str, Any]:
     check_required(cfg)
     run = read_checkpoint(cfg.ckpt_path)
@@ -132,31 +165,17 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     )
     module, datamodule = restore(run)
     texts = sample_texts(datamodule) if cfg.get("verify", True) else []
-    reference = None
-    if texts and module.task == "classification":
-        from nlp_transfer.predict import predict_texts
-
-        reference = list(predict_texts(module, datamodule, texts))
+    reference = _predictions(module, datamodule, texts) if texts else None
     export_module(module, out_dir)
     result: dict[str, Any] = {"export_dir": str(out_dir)}
     if reference is not None:
-        # compare against predictions taken before export (export may merge adapters)
-        loaded, data = load_export(out_dir)
-        from nlp_transfer.predict import predict_texts
-
-        again = list(predict_texts(loaded, data, texts))
-        worst = 0.0
-        for ra, rb in zip(reference, again):
-            if ra["label"] != rb["label"]:
-                raise ExportError(
-                    f"export predicts {rb['label']!r} for {ra['text']!r}, checkpoint {ra['label']!r}"
-                )
-            worst = max(worst, *(abs(ra["probs"][k] - rb["probs"][k]) for k in ra["probs"]))
-        if worst > 1e-4:
-            raise ExportError(f"export probabilities differ from the checkpoint's by {worst:.2e}")
+        result["max_prob_diff"] = verify_export(reference, out_dir, texts)
         result["verified_examples"] = len(texts)
-        result["max_prob_diff"] = worst
-        log.info("export verified on %d examples (max prob diff %.2e)", len(texts), worst)
+        log.info(
+            "export verified on %d examples (max prob diff %.2e)",
+            len(texts),
+            result["max_prob_diff"],
+        )
     log.info("exported to %s", out_dir)
     return result
 

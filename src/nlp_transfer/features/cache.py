@@ -65,7 +65,10 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CONFIG_KEY = "features.cache_dir"
 ENV_ROOT = "NLP_TRANSFER_FEATURE_CACHE"
-DEFAULT_ROOT = "~/.cache/nlp_transfer/features"
+# the default of ``features.cache_dir``: ${paths.cache_dir}/features, where
+# paths.cache_dir is $NLP_TRANSFER_CACHE or <repository root>/.cache
+ENV_CACHE = "NLP_TRANSFER_CACHE"
+DEFAULT_ROOT = "$NLP_TRANSFER_CACHE/features or <repository root>/.cache/features"
 
 _TMP = ".tmp"
 _TRASH = ".trash"
@@ -540,8 +543,20 @@ class EntryInfo:
 
 
 def default_root() -> Path:
-    """``$NLP_TRANSFER_FEATURE_CACHE`` or ``~/.cache/nlp_transfer/features``."""
-    return Path(os.environ.get(ENV_ROOT) or DEFAULT_ROOT).expanduser()
+    """The root runs use by default (``features.cache_dir`` = ``${paths.cache_dir}/features``).
+
+    ``$NLP_TRANSFER_FEATURE_CACHE`` if set, else ``$NLP_TRANSFER_CACHE/features``, else
+    ``<repository root>/.cache/features`` (``$NLP_TRANSFER_ROOT`` moves the root).
+    """
+    explicit = os.environ.get(ENV_ROOT)
+    if explicit:
+        return Path(explicit).expanduser()
+    cache = os.environ.get(ENV_CACHE)
+    if cache:
+        return Path(cache).expanduser() / "features"
+    from nlp_transfer.utils.resolvers import project_root
+
+    return Path(project_root()) / ".cache" / "features"
 
 
 def _pid_alive(pid: int) -> bool:
