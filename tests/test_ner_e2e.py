@@ -24,8 +24,14 @@ def test_ner_train_eval_predict(head: str, make_cfg, tmp_path: Path) -> None:
     assert metrics["task"] == "sequence_labeling"
     ckpt = metrics["best_checkpoint"]
     # eval on the validation split reproduces the training run's number
-    cfg = make_cfg(f"ckpt_path={ckpt}", "split=validation", "trainer=cpu",
-                   "trainer.enable_progress_bar=false", name="eval", run="eval")
+    cfg = make_cfg(
+        f"ckpt_path={ckpt}",
+        "split=validation",
+        "trainer=cpu",
+        "trainer.enable_progress_bar=false",
+        name="eval",
+        run="eval",
+    )
     result, _ = evaluate(cfg)
     assert result["val/f1"] == pytest.approx(metrics["val/f1"])
     # raw text in, entity spans with character offsets out
@@ -71,7 +77,9 @@ def test_long_sentence_every_word_one_prediction(make_cfg, tmp_path: Path) -> No
 
 
 def test_bioes_training_reports_iob2_entities(make_cfg) -> None:
-    metrics, objects = train(make_cfg(*NER, "trainer.max_epochs=1", "data.train_scheme=BIOES", "head=crf"))
+    metrics, objects = train(
+        make_cfg(*NER, "trainer.max_epochs=1", "data.train_scheme=BIOES", "head=crf")
+    )
     labels = objects["module"].labels
     assert any(t.startswith("S-") for t in labels) and any(t.startswith("E-") for t in labels)
     assert 0.0 <= metrics["val/f1"] <= 1.0
@@ -82,5 +90,9 @@ def test_ner_export_reloads_with_same_predictions(make_cfg, tmp_path: Path) -> N
 
     metrics, _ = train(make_cfg(*NER, "trainer.max_epochs=1", "head=crf"))
     out = tmp_path / "export"
-    result = export(make_cfg(f"ckpt_path={metrics['best_checkpoint']}", f"output_dir={out}", name="export", run="e"))
+    result = export(
+        make_cfg(
+            f"ckpt_path={metrics['best_checkpoint']}", f"output_dir={out}", name="export", run="e"
+        )
+    )
     assert result["verified_examples"] > 0 and result["max_prob_diff"] <= 1e-4
