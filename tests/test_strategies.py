@@ -198,10 +198,10 @@ def test_llrd_group_learning_rates(tiny_encoder: TransformerEncoder) -> None:
     assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {
         k: LR * v for k, v in scales.items()
     }
-    # the pooler (outside every layer group) follows the top layer
-    pooler = module.encoder.model.pooler.dense.weight
-    top = next(g for g in module.spec.groups if g.name == "encoder.layer_4")
-    assert any(p is pooler for p in top.params)
+    # every encoder parameter is in exactly one group (the unused BERT pooler is removed)
+    assert module.encoder.model.pooler is None
+    grouped = [id(p) for g in module.spec.groups if g.name.startswith("encoder") for p in g.params]
+    assert sorted(grouped) == sorted(id(p) for p in module.encoder.parameters())
 
 
 def test_llrd_composes_with_other_presets(tiny_encoder: TransformerEncoder) -> None:

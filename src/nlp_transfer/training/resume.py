@@ -1,0 +1,197 @@
+"""Find and continue an interrupted run.
+
+"The same run" is its output folder. ``resume=auto`` continues the run in this
+invocation's output dir, so re-running the same command with ``hydra.run.dir`` pinned to
+that folder continues it (the SLURM requeue and submitit cases: their job folder does not
+change between restarts); ``resume=<run dir>`` is shorthand that makes ``<run dir>`` the
+output dir (this invocation's Hydra folder then only holds its own ``.hydra``/log files).
+
+:func:`find_resume_checkpoint` picks, among ``<run>/checkpoints/**/*.ckpt`` and Lightning's
+SLURM ``<run>/hpc_ckpt_*.ckpt``, the readable one with the most progress (global step, then
+write time); unreadable or truncated files are skipped with a warning, never deleted.
+A resumed run writes into the same folder: CSV rows are appended to ``csv/metrics.csv``
+(:class:`ResumableCSVLogger`), TensorBoard adds an event file to the same folder and wandb
+continues the run whose id is stored in ``<run>/wandb_id.txt``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning_fabric.plugins.environments import SLURMEnvironment
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
+
+from nlp_transfer.training.checkpoint_io import fsync_dir, stale_temp_files
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+WANDB_ID_FILE = "wandb_id.txt"
+# what a run leaves in its folder; a new run refuses a folder holding any of these
+RESULT_MARKERS = (
+    "metrics.json",
+    "checkpoints",
+    "hpc_ckpt_*.ckpt",
+    "csv/metrics.csv",
+    "tensorboard/events.out.tfevents.*",
+    "wandb",
+    WANDB_ID_FILE,
+)
+# keys every Lightning training checkpoint has
+TRAINING_KEYS = ("state_dict", "loops", "global_step", "optimizer_states", "nlp_transfer")
+
+
+@dataclass
+class RunPlan:
+    """Where a run writes and which checkpoint ``fit`` continues from."""
+
+    output_dir: Path
+    ckpt_path: Path | None = None
+    resuming: bool = False  # continuing the run already in output_dir
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def existing_results(out_dir: Path) -> list[str]:
+    """The :data:`RESULT_MARKERS` present in ``out_dir`` (empty folders do not count)."""
+    found = []
+    for marker in RESULT_MARKERS:
+        for path in sorted(out_dir.glob(marker)):
+            if path.is_file() or (path.is_dir() and any(path.iterdir())):
+                found.append(str(path.relative_to(out_dir)))
+    return found
+
+
+def checkpoint_candidates(run_dir: Path) -> list[Path]:
+    """Every checkpoint file of a run (hidden temp files of unfinished writes excluded)."""
+    files = list((run_dir / "checkpoints").rglob("*.ckpt")) + list(run_dir.glob("hpc_ckpt_*.ckpt"))
+    return sorted(p for p in files if p.is_file() and not p.name.startswith("."))
+
+
+def probe_checkpoint(path: Path) -> dict[str, Any]:
+    """Open ``path`` (``weights_only``, memory-mapped) and return its progress counters.
+
+    Raises ``ValueError`` when it cannot be read or is not a training checkpoint.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"unreadable ({type(e).__name__}: {e})") from e
+    missing = [k for k in TRAINING_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"not a full training checkpoint (missing {missing})")
+    return {"global_step": int(ckpt["global_step"]), "epoch": int(ckpt.get("epoch", 0))}
+
+
+def find_resume_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The readable checkpoint with the most progress, and the ``(path, reason)`` skipped.
+
+    Order: global step, then modification time, then epoch-end checkpoints over step ones
+    (at the same step an epoch-end checkpoint was written after validation).
+    """
+    ranked: list[tuple[tuple[int, int, int], Path]] = []
+    skipped: list[tuple[Path, str]] = []
+    for path in checkpoint_candidates(run_dir):
+        try:
+            info = probe_checkpoint(path)
+        except ValueError as e:
+            skipped.append((path, str(e)))
+            log.warning("resume: skipping %s: %s", path, e)
+            continue
+        not_steps = int("steps" not in path.relative_to(run_dir).parts)
+        ranked.append(((info["global_step"], path.stat().st_mtime_ns, not_steps), path))
+    if not ranked:
+        return None, skipped
+    return max(ranked)[1], skipped
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Delete leftovers of checkpoint writes killed before their rename (ours only)."""
+    stale = stale_temp_files(run_dir / "checkpoints") + [
+        p for p in stale_temp_files(run_dir) if p.parent == run_dir
+    ]
+    for path in stale:
+        log.info("resume: removing unfinished checkpoint write %s", path)
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The wandb run id of this run folder, created (and stored) on first use."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file():
+        stored = path.read_text(encoding="utf-8").strip()
+        if stored:
+            return stored
+    from wandb.util import generate_id
+
+    run_id = generate_id()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(run_id + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    fsync_dir(run_dir)
+    return run_id
+
+
+def slurm_environment(
+    auto_requeue: bool = True, requeue_signal: str = "SIGUSR1"
+) -> SLURMEnvironment:
+    """Lightning's SLURM cluster environment with the requeue signal given by name.
+
+    On ``requeue_signal`` Lightning saves ``<run>/hpc_ckpt_<n>.ckpt`` and runs
+    ``scontrol requeue``; the requeued job's ``resume=auto`` continues from it.
+    """
+    return SLURMEnvironment(
+        auto_requeue=auto_requeue, requeue_signal=getattr(signal, requeue_signal.upper())
+    )
+
+
+class AppendingExperimentWriter(ExperimentWriter):
+    """CSV writer that keeps an existing ``metrics.csv`` and appends to it.
+
+    Lightning's writer deletes the file when it starts; this one keeps the earlier rows,
+    takes the column order from the file's header, and drops a last line left incomplete by
+    a kill. Rows for the steps after the resumed checkpoint appear twice (once from the
+    interrupted process, once from the resumed one); keep the last row per step.
+    """
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        _drop_partial_last_line(path)
+        with path.open(newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        self.metrics_keys = list(header)
+
+
+def _drop_partial_last_line(path: Path) -> None:
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        log.warning("resume: dropping an incomplete last line of %s", path)
+        with path.open("r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class ResumableCSVLogger(CSVLogger):
+    """``CSVLogger`` that appends to the run's ``metrics.csv`` instead of replacing it."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AppendingExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
