@@ -53,7 +53,8 @@ class StepTimer(Callback):
     synchronisation the split is approximate on a GPU; the total is exact.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, skip_first: int = 0) -> None:
+        self.skip_first = skip_first  # warm-up steps left out of the phase times
         self.start = self.end = 0.0
         self.val_time = 0.0
         self.steps = 0
@@ -91,6 +92,8 @@ class StepTimer(Callback):
     ) -> None:
         self._mark("optimizer")
         self.steps += 1
+        if self.steps == self.skip_first:
+            self.phases = dict.fromkeys(self.phases, 0.0)
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if self._training:
@@ -112,7 +115,7 @@ class StepTimer(Callback):
         return self.end - self.start - self.val_time
 
     def summary(self) -> dict[str, Any]:
-        steps = max(self.steps, 1)
+        steps = max(self.steps - self.skip_first, 1)
         return {
             "train_s": self.train_seconds,
             "steps": self.steps,

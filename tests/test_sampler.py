@@ -120,6 +120,24 @@ def test_state_dict_restores_order() -> None:
     assert list(fresh) == list(sampler)
 
 
+def test_resume_at_skips_trained_batches_once() -> None:
+    lengths = _lengths(400)
+    full = LengthGroupedBatchSampler(lengths=lengths, batch_size=8, seed=2, num_replicas=1, rank=0)
+    full.set_epoch(3)
+    epoch3 = list(full)
+    resumed = LengthGroupedBatchSampler(
+        lengths=lengths, batch_size=8, seed=2, num_replicas=1, rank=0
+    )
+    resumed.resume_at(3, 10)
+    resumed.set_epoch(3)  # Lightning's call at the epoch start keeps the skip
+    assert list(resumed) == epoch3[10:]
+    assert list(resumed) == epoch3  # the skip applies once
+    resumed.resume_at(3, 5)
+    resumed.set_epoch(4)  # another epoch: the skip is dropped
+    full.set_epoch(4)
+    assert list(resumed) == list(full)
+
+
 def test_seed_defaults_to_lightning_global_seed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PL_GLOBAL_SEED", "1234")
     assert LengthGroupedBatchSampler(lengths=[1, 2], batch_size=1).seed == 1234

@@ -64,9 +64,7 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> LoadedRun:
             "<run dir>/checkpoints/; metrics.json names the best one (best_checkpoint)."
         )
     try:
-        ckpt: dict[str, Any] = torch.load(
-            path, map_location="cpu", weights_only=True, mmap=mmap
-        )
+        ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({e})") from e
     meta = ckpt.get("nlp_transfer") if isinstance(ckpt, dict) else None
@@ -102,7 +100,9 @@ def check_fits(
     extra = [lab for lab in expected if lab not in run.labels]
     absent = [lab for lab in run.labels if lab not in expected]
     if extra or absent:
-        detail = f"labels only in this run's data: {extra[:10]}; only in the checkpoint: {absent[:10]}"
+        detail = (
+            f"labels only in this run's data: {extra[:10]}; only in the checkpoint: {absent[:10]}"
+        )
     else:
         detail = f"same labels in another order: checkpoint {run.labels[:10]}, data {expected[:10]}"
     raise CheckpointError(
@@ -126,7 +126,11 @@ def check_config_safe(run: LoadedRun, trust_remote_code: bool = False) -> None:
                     "this checkpoint was not written by this project's configs."
                 )
     encoder = cfg.get("encoder")
-    if isinstance(encoder, DictConfig) and encoder.get("trust_remote_code") and not trust_remote_code:
+    if (
+        isinstance(encoder, DictConfig)
+        and encoder.get("trust_remote_code")
+        and not trust_remote_code
+    ):
         raise CheckpointError(
             f"{run.path}: its encoder needs trust_remote_code=true (model code from the hub "
             "would run); pass trust_remote_code=True explicitly if you trust "

@@ -1,6 +1,17 @@
 """Training entry point: ``python -m nlp_transfer.train [overrides]``.
 
 ``train(cfg)`` can be called directly (tests do) and returns ``(metrics, objects)``.
+
+Continuing an interrupted run (see ``docs/resume.md``): the run is its output folder.
+
+- ``resume=auto hydra.run.dir=<run dir>`` (or ``resume=<run dir>``) continues the run in
+  that folder from its newest readable checkpoint (optimizer, scheduler, loop counters, data
+  order position, RNG and callback state) and appends to its logs; without a checkpoint
+  there yet it starts the run from scratch in it. A completed run (``metrics.json``) is
+  never resumed.
+- ``ckpt_path=<file>`` continues from an explicit checkpoint: inside the output folder it
+  resumes that run, elsewhere it starts a new run (in a new folder) from that state.
+- a new run refuses a folder that already holds another run's results.
 """
 
 from __future__ import annotations
@@ -14,7 +25,9 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from hydra.utils import instantiate
+from lightning_fabric.plugins import CheckpointIO
+from omegaconf import DictConfig, open_dict
 from pytorch_lightning import Trainer, seed_everything
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
@@ -28,6 +41,17 @@ from nlp_transfer.builders import (
     check_required,
     plain_config,
 )
+from nlp_transfer.checkpoint import CheckpointError, check_fits, read_checkpoint
+from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.training.loop_state import ResumeState
+from nlp_transfer.training.resume import (
+    AUTO,
+    RunPlan,
+    existing_results,
+    find_resume_checkpoint,
+    remove_stale_temp_files,
+    wandb_run_id,
+)
 from nlp_transfer.utils.config_tree import print_config_tree
 from nlp_transfer.utils.io import OutputExistsError, atomic_write_json
 from nlp_transfer.utils.resolvers import CONFIG_DIR
@@ -36,15 +60,86 @@ log = logging.getLogger(__name__)
 
 
 def _check_output_dir(out_dir: Path, resuming: bool) -> None:
-    """A new run never writes over another run's results."""
-    if resuming:
+    """A new run never writes over another run's results; a completed run is never resumed."""
+    if not resuming:
+        existing = existing_results(out_dir)
+        if existing:
+            raise OutputExistsError(
+                f"{out_dir} already holds {existing} of another run; nothing was overwritten. "
+                f"Use a new hydra.run.dir, or continue that run: resume={out_dir}"
+            )
         return
-    existing = [p for p in ("metrics.json", "checkpoints") if (out_dir / p).exists()]
-    if existing:
+    if (out_dir / "metrics.json").exists():
         raise OutputExistsError(
-            f"{out_dir} already holds {existing} of another run; nothing was overwritten. "
-            "Use a new hydra.run.dir, or pass ckpt_path=<checkpoint> to continue that run."
+            f"{out_dir} holds a completed run (metrics.json); nothing was overwritten or "
+            "resumed. To train it further start a new run from its checkpoint: "
+            f"ckpt_path={out_dir / 'checkpoints' / 'last.ckpt'}"
         )
+
+
+def _plan_run(cfg: DictConfig) -> RunPlan:
+    """Resolve ``resume`` / ``ckpt_path`` into the output folder and the checkpoint to
+    continue from, refusing anything that would write over another run's results."""
+    resume, ckpt = cfg.get("resume"), cfg.get("ckpt_path")
+    out_dir = Path(cfg.paths.output_dir)
+    if resume in (None, False, ""):
+        if not ckpt:
+            _check_output_dir(out_dir, resuming=False)
+            return RunPlan(out_dir)
+        ckpt_path = Path(ckpt)
+        own = ckpt_path.resolve().is_relative_to(out_dir.resolve())
+        _check_output_dir(out_dir, resuming=own)
+        return RunPlan(out_dir, ckpt_path, resuming=own)
+    if ckpt:
+        raise ConfigError(
+            f"resume={resume} and ckpt_path={ckpt} are both set; use resume to continue a "
+            "run folder, or ckpt_path for one explicit checkpoint"
+        )
+    if resume is not True and str(resume) != AUTO:
+        out_dir = Path(str(resume)).expanduser().resolve()
+        if not out_dir.is_dir():
+            raise ConfigError(f"resume={resume}: no such run folder (give a run's output dir)")
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(out_dir)
+    _check_output_dir(out_dir, resuming=True)
+    remove_stale_temp_files(out_dir)
+    found, skipped = find_resume_checkpoint(out_dir)
+    if found is None and skipped:
+        listed = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+        raise CheckpointError(
+            f"resume: no readable checkpoint in {out_dir} ({listed}); nothing was changed. "
+            "Pass ckpt_path=<a good checkpoint> or start a new run."
+        )
+    if found is None:
+        log.info("resume: no checkpoint in %s yet; starting the run there from scratch", out_dir)
+    else:
+        log.info("resume: continuing %s from %s", out_dir, found)
+    return RunPlan(out_dir, found, resuming=True, skipped=skipped)
+
+
+def _prepare_loggers(cfg: DictConfig, plan: RunPlan) -> None:
+    """wandb: a run id stored in the run folder (a resume continues that wandb run);
+    CSV: append to the run's ``metrics.csv`` when resuming (Lightning's logger deletes it)."""
+    with open_dict(cfg):
+        for lg in (cfg.get("logger") or {}).values():
+            if lg is None or "_target_" not in lg:
+                continue
+            target = str(lg._target_)
+            if target.endswith(".WandbLogger"):
+                lg.id = wandb_run_id(plan.output_dir)
+                lg.resume = "allow"
+            elif plan.resuming and target.endswith("loggers.CSVLogger"):
+                lg._target_ = "nlp_transfer.training.resume.ResumableCSVLogger"
+
+
+def _trainer_plugins(cfg: DictConfig) -> list[Any]:
+    """``trainer.plugins`` plus the atomic checkpoint writer (``checkpoint_io``)."""
+    configured = cfg.trainer.get("plugins")
+    plugins = [] if configured is None else instantiate(configured)
+    plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+    if cfg.get("checkpoint_io") and not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(instantiate(cfg.checkpoint_io))
+    return plugins
 
 
 def _final_metrics(results: list[dict[str, float]]) -> dict[str, float]:
@@ -65,8 +160,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         from nlp_transfer.multitask.train import train_multitask
 
         return train_multitask(cfg)
-    out_dir = Path(cfg.paths.output_dir)
-    _check_output_dir(out_dir, resuming=bool(cfg.get("ckpt_path")))
+    plan = _plan_run(cfg)
+    out_dir = plan.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("extras", {}).get("print_config", True):
         print_config_tree(cfg, save_to=out_dir / "config_tree.log")
@@ -86,35 +181,52 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     module = build_module(cfg, encoder, datamodule.labels, datamodule.task)
+    if plan.ckpt_path is not None:  # never continue from another task's or label set's state
+        check_fits(read_checkpoint(plan.ckpt_path, mmap=True), datamodule.task, datamodule.labels)
 
-    callbacks = build_callbacks(cfg) + list(module.spec.callbacks)
+    resume_state = ResumeState(cfg.get("seed"))  # data order position + RNG in checkpoints
+    resume_state.attach(datamodule)
+    callbacks = build_callbacks(cfg) + list(module.spec.callbacks) + [resume_state]
+    _prepare_loggers(cfg, plan)
     loggers = build_loggers(cfg)
+    plugins = _trainer_plugins(cfg)
     trainer: Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        **({"plugins": plugins} if plugins else {}),
     )
     for lg in loggers:
         lg.log_hyperparams(plain_config(cfg))
 
     counts = module.parameter_counts()
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=plan.ckpt_path, weights_only=True)
     wall = time.perf_counter() - start
     if trainer.interrupted:
         raise KeyboardInterrupt("training was interrupted; the last checkpoint is kept")
 
-    ckpt_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+    ckpt_cb = _best_checkpoint_callback(trainer)
     best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
     eval_ckpt = best if best else None  # None: the weights in memory (e.g. fast_dev_run)
     metrics: dict[str, Any] = {}
     metrics.update(
         _final_metrics(
-            trainer.validate(module, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False)
+            trainer.validate(
+                module, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False, weights_only=True
+            )
         )
     )
     if cfg.get("test", True) and "test" in datamodule.examples:
         metrics.update(
             _final_metrics(
-                trainer.test(module, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False)
+                trainer.test(
+                    module,
+                    datamodule=datamodule,
+                    ckpt_path=eval_ckpt,
+                    verbose=False,
+                    weights_only=True,
+                )
             )
         )
         metrics.update(module.last_test_report)
@@ -146,6 +258,13 @@ def _finish_loggers(loggers: list) -> None:
     for lg in loggers:
         if isinstance(lg, WandbLogger) and lg._experiment is not None:
             lg.experiment.finish()
+
+
+def _best_checkpoint_callback(trainer: Trainer) -> ModelCheckpoint | None:
+    """The checkpoint callback that tracks the monitored metric (not the step snapshots)."""
+    found = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    monitored = [c for c in found if c.monitor is not None and c.monitor != "step"]
+    return (monitored or found or [None])[0]
 
 
 def _best_epoch(ckpt_cb: ModelCheckpoint | None) -> int | None:

@@ -6,6 +6,7 @@ Public API::
                               rank=None, seed=None, shuffle=True, drop_last=False,
                               megabatch_mult=50, longest_first=True)
         .set_epoch(epoch) / .state_dict() / .load_state_dict(state)
+        .resume_at(epoch, batches_done)      # mid-epoch resume: skip the trained batches
         .batches() -> list[list[int]]        # this rank's batches for the current epoch
     lengths_of(dataset, column="input_ids") -> list[int]
     padding_stats(batches, lengths) -> (real_tokens, padded_tokens)
@@ -111,11 +112,22 @@ class LengthGroupedBatchSampler(BatchSampler):
         self.megabatch_mult = int(megabatch_mult)
         self.longest_first = bool(longest_first)
         self.epoch = 0
+        self._skip = 0
+        self._skip_epoch: int | None = None
 
     # -- state ------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order :meth:`__iter__` yields."""
+        """Select the epoch whose order :meth:`__iter__` yields (Lightning calls it at every
+        epoch start); a pending :meth:`resume_at` skip is kept only for its own epoch."""
+        if self._skip_epoch is not None and int(epoch) != self._skip_epoch:
+            self._skip, self._skip_epoch = 0, None
         self.epoch = int(epoch)
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Serve ``epoch`` next without its first ``batches_done`` batches (of this rank),
+        e.g. from a mid-epoch checkpoint; later epochs are whole again."""
+        self.epoch = int(epoch)
+        self._skip, self._skip_epoch = int(batches_done), self.epoch
 
     def state_dict(self) -> dict[str, int]:
         """Everything the order depends on besides the constructor arguments."""
@@ -177,7 +189,10 @@ class LengthGroupedBatchSampler(BatchSampler):
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.batches()
+        batches = self.batches()
+        skip = self._skip if self._skip_epoch == self.epoch else 0
+        self._skip, self._skip_epoch = 0, None
+        yield from batches[skip:]
 
 
 def lengths_of(dataset: Any, column: str = "input_ids") -> list[int]:

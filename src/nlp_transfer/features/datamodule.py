@@ -72,7 +72,7 @@ class _FeatureDataset(Dataset):
             feats = self.arrays.ragged(FEATURES, index)
         else:
             feats = self.arrays[FEATURES][index]
-        return index, np.asarray(feats, dtype=np.float32), self.labels[index]
+        return index, np.array(feats, dtype=np.float32), self.labels[index]  # a copy
 
 
 def _pad(items: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -367,7 +367,8 @@ def extract_split(
     loader = datamodule.split_dataloader(split)
     states, hidden = encoder.num_layers + 1, encoder.hidden_size
     was_training = encoder.training
-    origin = next(encoder.parameters()).device
+    first = next(iter(encoder.parameters()), None)
+    origin = first.device if first is not None else torch.device("cpu")
     merger = _SentenceMerger()
     items = 0
     encoder.eval()

@@ -65,9 +65,7 @@ def stale_temp_files(folder: Path) -> list[Path]:
     """Leftovers of writes killed before their rename (``.<name>.<random>.tmp``)."""
     if not folder.is_dir():
         return []
-    return sorted(
-        p for p in folder.rglob(f".*{TMP_SUFFIX}") if p.is_file() and ".ckpt." in p.name
-    )
+    return sorted(p for p in folder.rglob(f".*{TMP_SUFFIX}") if p.is_file() and ".ckpt." in p.name)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

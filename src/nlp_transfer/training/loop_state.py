@@ -209,7 +209,7 @@ class ResumeState(Callback):
             loop = trainer.fit_loop
             total = trainer.num_training_batches
             state.update(
-                epoch=int(loop.epoch_progress.current.processed),
+                epoch=int(trainer.current_epoch),
                 batches_done=int(loop.epoch_loop.batch_progress.current.processed),
                 num_batches=int(total) if math.isfinite(total) else -1,
             )

@@ -1,0 +1,272 @@
+"""scikit-learn heads (SVM, random forest, logistic regression) on frozen-encoder features.
+
+``python -m nlp_transfer.train head=svm|logreg|random_forest [features.cache=true]`` lands
+here (``head.kind: sklearn``). The estimator (``head.estimator``, built by Hydra) is fitted on
+the train split's features: one pooled vector per sentence for classification, one vector per
+word for sequence labeling. Validation and test are scored with the metric code of torch runs
+(:func:`~nlp_transfer.metrics.classification.classification_metrics`,
+:class:`~nlp_transfer.metrics.classification.PerClassReport`,
+:class:`~nlp_transfer.metrics.entity.EntityF1`), so ``metrics.json`` has the same keys.
+
+Head config keys: ``pooling`` (sentence features: ``cls`` / ``mean`` / ``max``), ``layer``
+(``null``: as the ``layer_pooling`` group says, the top layer when unset; an index, ``0`` =
+embeddings, ``-1`` = top; or a list of indices), ``layer_combine`` (a list's combination:
+``concat`` / ``sum`` / ``mean``), ``scale`` (standardise features first) and ``estimator``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig
+from pytorch_lightning import seed_everything
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from nlp_transfer.builders import build_datamodule, build_encoder, plain_config
+from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.features.extract import (
+    FEATURES,
+    SENTENCE,
+    WORD,
+    FeatureArrays,
+    cache_from_config,
+    feature_spec,
+    get_features,
+    select_layers,
+    split_labels,
+)
+from nlp_transfer.metrics.classification import PerClassReport, classification_metrics
+from nlp_transfer.metrics.entity import EntityF1
+from nlp_transfer.utils.config_tree import print_config_tree
+from nlp_transfer.utils.io import OutputExistsError, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.joblib"
+IGNORE_INDEX = -100
+_EVAL_SPLITS = (("val", "validation"), ("test", "test"))
+
+
+@dataclass
+class SplitData:
+    """Feature matrix of one split: ``x`` ``[n, D]``, ``y`` ``[n]`` and, for word-level
+    data, sentence boundaries ``offsets`` ``[sentences + 1]`` into the rows."""
+
+    x: np.ndarray
+    y: np.ndarray
+    offsets: np.ndarray | None = None
+
+
+def layer_choice(cfg: DictConfig) -> tuple[list[int], str]:
+    """Hidden states a sklearn head reads and how they combine (``concat``/``sum``/``mean``)."""
+    head = cfg.head
+    layer = head.get("layer")
+    combine = str(head.get("layer_combine", "concat"))
+    if isinstance(layer, ListConfig | list | tuple):
+        return [int(i) for i in layer], combine
+    if layer is not None:
+        return [int(layer)], combine
+    pooling = cfg.get("layer_pooling")
+    mode = str(pooling.get("mode", "last")) if pooling else "last"
+    if mode == "last":
+        return [-1], "concat"
+    if mode == "layer":
+        return [int(pooling.layer)], "concat"
+    if mode in ("sum_last_k", "concat_last_k"):
+        k = int(pooling.get("k", 4))
+        return list(range(-k, 0)), "sum" if mode == "sum_last_k" else "concat"
+    raise ConfigError(
+        f"layer_pooling mode {mode!r} is learned and cannot feed a sklearn head; "
+        "set head.layer=<index> or a list of indices (with head.layer_combine)"
+    )
+
+
+def build_estimator(head: DictConfig) -> Any:
+    """The configured estimator, behind a ``StandardScaler`` when ``head.scale`` is true."""
+    if head.get("estimator") is None:
+        raise ConfigError("a sklearn head needs an `estimator:` node with a _target_")
+    estimator = instantiate(head.estimator)
+    return make_pipeline(StandardScaler(), estimator) if head.get("scale", False) else estimator
+
+
+def split_matrix(
+    arrays: FeatureArrays,
+    labels: list[Any],
+    level: str,
+    layers: list[int],
+    combine: str = "concat",
+) -> SplitData:
+    """Rows for the estimator: one per sentence, or one per word with sentence offsets."""
+    x = select_layers(arrays[FEATURES], layers, combine)
+    if level == SENTENCE:
+        return SplitData(x=x, y=np.asarray(labels, dtype=np.int64))
+    if level != WORD:
+        raise ConfigError(f"sklearn heads read sentence or word features, not {level!r}")
+    offsets = np.asarray(arrays[FEATURES + ".offsets"], dtype=np.int64)
+    y = np.concatenate([np.asarray(t, dtype=np.int64) for t in labels]) if labels else np.empty(0)
+    if len(y) != len(x) or len(offsets) != len(labels) + 1:
+        raise RuntimeError(f"{len(x)} word vectors for {len(y)} word labels")
+    return SplitData(x=x, y=y, offsets=offsets)
+
+
+def _pad_sentences(values: np.ndarray, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Word-level values split at ``offsets`` → ``[sentences, max words]`` and a mask."""
+    lengths = np.diff(offsets)
+    width = int(lengths.max()) if len(lengths) else 0
+    out = torch.full((len(lengths), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (start, end) in enumerate(itertools.pairwise(offsets.tolist())):
+        out[i, : end - start] = torch.as_tensor(values[start:end], dtype=torch.long)
+    mask = torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]
+    return out, mask
+
+
+def score_predictions(
+    preds: np.ndarray,
+    data: SplitData,
+    labels: list[str],
+    task: str,
+    stage: str,
+    per_class: bool = False,
+) -> dict[str, float]:
+    """``{stage}/<metric>`` for predicted label ids, computed like a torch run does."""
+    preds = np.asarray(preds, dtype=np.int64)
+    if task == "classification":
+        metrics = classification_metrics(len(labels)).clone(prefix=f"{stage}/")
+        p, g = torch.as_tensor(preds), torch.as_tensor(data.y)
+        metrics.update(p, g)
+        out = {k: float(v) for k, v in metrics.compute().items()}
+        if per_class:
+            report = PerClassReport(labels)
+            report.update(p, g)
+            out.update({f"{stage}/per_class/{k}": v for k, v in report.compute().items()})
+        return out
+    assert data.offsets is not None
+    metric = EntityF1(labels)
+    pred_ids, mask = _pad_sentences(preds, data.offsets)
+    gold_ids, _ = _pad_sentences(data.y, data.offsets)
+    metric.update(pred_ids, gold_ids, mask)
+    return {f"{stage}/{k}": float(v) for k, v in metric.compute().items()}
+
+
+def fitted_parameter_count(estimator: Any) -> int | None:
+    """Numbers a linear model / SVM learned (coefficients, support vectors); None for trees."""
+    final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+    names = ("coef_", "intercept_", "dual_coef_", "support_vectors_")
+    arrays = [getattr(final, n) for n in names if hasattr(final, n)]
+    if not arrays:
+        return None
+    return int(sum(np.asarray(a).size for a in arrays))
+
+
+def train_sklearn(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit ``head.estimator`` on frozen features, score val/test, save the model (joblib)
+    and ``metrics.json``; returns ``(metrics, objects)`` like :func:`nlp_transfer.train.train`."""
+    out_dir = Path(cfg.paths.output_dir)
+    if (out_dir / "metrics.json").exists():
+        raise OutputExistsError(
+            f"{out_dir} already holds metrics.json of another run; nothing was overwritten. "
+            "Use a new hydra.run.dir."
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("extras", {}).get("print_config", True):
+        print_config_tree(cfg, save_to=out_dir / "config_tree.log")
+    if cfg.get("seed") is not None:
+        seed_everything(int(cfg.seed), workers=True)
+    strategy = str((cfg.get("strategy") or {}).get("_target_", "")).rsplit(".", 1)[-1]
+    if strategy and strategy != "FrozenEncoder":
+        log.info("sklearn head: the encoder stays frozen whatever strategy=%s says", strategy)
+
+    encoder = build_encoder(cfg)
+    datamodule = build_datamodule(cfg, encoder)
+    datamodule.prepare_data()
+    datamodule.setup(None)
+    task, labels = datamodule.task, datamodule.labels
+    spec = feature_spec(cfg, task, level=None if task != "classification" else SENTENCE)
+    layers, combine = layer_choice(cfg)
+    cache = cache_from_config(cfg)
+
+    def load(split: str) -> SplitData:
+        arrays = get_features(encoder, datamodule, split, spec, cache)
+        return split_matrix(arrays, split_labels(datamodule, split), spec.level, layers, combine)
+
+    start = time.perf_counter()
+    train_data = load("train")
+    feature_s = time.perf_counter() - start
+    estimator = build_estimator(cfg.head)
+    start = time.perf_counter()
+    estimator.fit(train_data.x, train_data.y)
+    wall = time.perf_counter() - start
+    log.info(
+        "fitted %s on %d x %d features in %.2fs",
+        type(estimator).__name__,
+        *train_data.x.shape,
+        wall,
+    )
+
+    metrics: dict[str, Any] = {}
+    for stage, split in _EVAL_SPLITS:
+        if split not in datamodule.examples or (stage == "test" and not cfg.get("test", True)):
+            continue
+        data = load(split)
+        metrics.update(
+            score_predictions(
+                estimator.predict(data.x), data, labels, task, stage, per_class=stage == "test"
+            )
+        )
+    model_path = out_dir / MODEL_FILE
+    joblib.dump(
+        {
+            "estimator": estimator,
+            "labels": labels,
+            "task": task,
+            "layers": layers,
+            "layer_combine": combine,
+            "features": {"level": spec.level, "pooling": spec.pooling, "dtype": spec.dtype},
+            "encoder": encoder.identity(),
+            "config": plain_config(cfg),
+        },
+        model_path,
+    )
+    encoder_params = sum(p.numel() for p in encoder.parameters())
+    fitted = fitted_parameter_count(estimator)
+    metrics.update(
+        {
+            "best_checkpoint": str(model_path.resolve()),
+            "best_epoch": None,
+            "epochs": None,
+            "global_steps": None,
+            "train_wall_s": round(wall, 3),
+            "feature_wall_s": round(feature_s, 3),
+            "trainable_params": fitted,
+            "total_params": encoder_params + (fitted or 0),
+            "frozen_params": encoder_params,
+            "seed": cfg.get("seed"),
+            "task": task,
+            "strategy": "frozen",
+            "estimator": type(estimator[-1] if hasattr(estimator, "steps") else estimator).__name__,
+        }
+    )
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    shown = {
+        k: v
+        for k, v in metrics.items()
+        if k.startswith(("val/", "test/")) and "/per_class/" not in k
+    }
+    log.info("final metrics (%s): %s", out_dir / "metrics.json", shown)
+    return metrics, {
+        "estimator": estimator,
+        "encoder": encoder,
+        "datamodule": datamodule,
+        "train_data": train_data,
+        "cfg": cfg,
+    }
