@@ -40,7 +40,13 @@ from pytorch_lightning import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NLP_TRANSFER_SHARED_DATA", ROOT.parent / "shared" / "data"))
-HF_VARIANTS = {"fp32": "HF fp32", "bf16_grouped": "HF bf16+group_by_length"}
+HF_VARIANTS = {
+    "fp32": "HF fp32",
+    "bf16": "HF bf16",
+    "bf16_grouped": "HF bf16+group_by_length",
+    "fp32_grouped": "HF fp32+group_by_length",
+}
+DEFAULT_HF = ["fp32", "bf16_grouped"]
 
 
 # -- timers ------------------------------------------------------------------------------------
@@ -239,7 +245,7 @@ def run_hf(variant: str, args: argparse.Namespace, workdir: Path) -> dict[str, A
         id2label=dict(enumerate(labels)),
         label2id=label2id,
     )
-    grouped = variant == "bf16_grouped"
+    grouped = variant.endswith("_grouped")
     kw: dict[str, Any] = {}
     fields = TrainingArguments.__dataclass_fields__
     if "group_by_length" in fields:  # transformers < 5
@@ -259,7 +265,7 @@ def run_hf(variant: str, args: argparse.Namespace, workdir: Path) -> dict[str, A
         lr_scheduler_type="linear",
         num_train_epochs=args.epochs,
         seed=args.seed,
-        bf16=variant != "fp32",
+        bf16=variant.startswith("bf16"),
         eval_strategy="no",
         save_strategy="no",
         report_to=[],
@@ -398,7 +404,8 @@ def run_template(variant: str, args: argparse.Namespace, workdir: Path) -> dict[
     """``nlp_transfer.train.train(cfg)`` with a timing callback added to the config's."""
     import nlp_transfer.train as train_module
 
-    cfg = compose_train_config([*template_overrides(args), *shlex.split(variant)], workdir)
+    own = [t for t in shlex.split(variant) if not t.startswith("env:")]
+    cfg = compose_train_config([*template_overrides(args), *own], workdir)
     timer = StepTimer()
     build = train_module.build_callbacks
     train_module.build_callbacks = lambda c: [*build(c), timer]
@@ -482,15 +489,26 @@ def single(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def launch(spec: dict[str, Any], argv: list[str], log_dir: Path, idx: int) -> dict[str, Any]:
+def launch(
+    spec: dict[str, Any], argv: list[str], log_dir: Path, idx: int, omp_wait_policy: str
+) -> dict[str, Any]:
     """Run ``spec`` in a fresh interpreter; its output goes to ``log_dir``."""
     out = log_dir / f"run{idx}.json"
     log = log_dir / f"run{idx}.log"
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
     cmd += ["--single", json.dumps(spec), "--result-file", str(out)]
+    env = dict(os.environ)
+    if omp_wait_policy != "default":
+        env["OMP_WAIT_POLICY"] = omp_wait_policy
+    for token in shlex.split(spec.get("variant", "")):
+        if token.startswith("env:"):  # env:NAME=VALUE sets a variable of this run only
+            name, _, value = token[4:].partition("=")
+            env[name] = value
     load_before = os.getloadavg()
     with log.open("w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, check=False)
+        proc = subprocess.run(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env, check=False
+        )
     if proc.returncode != 0 or not out.is_file():
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         raise RuntimeError(f"run {spec} failed (exit {proc.returncode}); log {log}:\n{tail}")
@@ -542,13 +560,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--hf-variant",
         action="append",
-        choices=list(HF_VARIANTS),
-        help="HF runs (repeatable); default: fp32 and bf16_grouped",
+        choices=[*HF_VARIANTS, "none"],
+        help="HF runs (repeatable); default: fp32 and bf16_grouped; --hf-variant none: no HF run",
     )
     p.add_argument(
         "--template-variant",
         action="append",
-        help='space-separated Hydra overrides of one template run (repeatable); default "trainer=bf16"',
+        help="space-separated Hydra overrides of one template run (repeatable; "
+        '"env:NAME=VALUE" tokens set environment variables of that run); default "trainer=bf16"',
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every variant N times (round-robin); the table shows each variant's fastest run",
+    )
+    p.add_argument(
+        "--omp-wait-policy",
+        choices=["PASSIVE", "ACTIVE", "default"],
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY of every run (default PASSIVE: on a CPU shared with other "
+        "processes, spinning OpenMP threads make steps up to 10x slower and erratic; "
+        "'default' leaves the environment as it is)",
     )
     p.add_argument("--skip-peak", action="store_true", help="no matmul peak / MFU")
     p.add_argument("--peak-size", type=int, default=2048)
@@ -567,20 +600,24 @@ def main(argv: list[str] | None = None) -> None:
         result = single(json.loads(args.single), args)
         Path(args.result_file).write_text(json.dumps(result, indent=2))
         return
-    hf_variants = args.hf_variant if args.hf_variant is not None else list(HF_VARIANTS)
+    hf_variants = args.hf_variant if args.hf_variant is not None else DEFAULT_HF
     template_variants = args.template_variant or ["trainer=bf16"]
     specs: list[dict[str, Any]] = [
-        {"kind": "hf", "variant": v, "label": HF_VARIANTS[v]} for v in hf_variants
+        {"kind": "hf", "variant": v, "label": HF_VARIANTS[v]} for v in hf_variants if v != "none"
     ]
     specs += [
         {"kind": "template", "variant": v, "label": f"template: {v}"} for v in template_variants
     ]
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="hf_vs_template-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    print(f"load average before: {os.getloadavg()}; logs in {log_dir}", flush=True)
+    print(
+        f"load average before: {os.getloadavg()}; OMP_WAIT_POLICY "
+        f"{args.omp_wait_policy}; logs in {log_dir}",
+        flush=True,
+    )
     peak = None
     if not args.skip_peak:
-        peak = launch({"kind": "peak", "label": "peak"}, raw, log_dir, 0)
+        peak = launch({"kind": "peak", "label": "peak"}, raw, log_dir, 0, args.omp_wait_policy)
         print(
             f"matmul peak ({peak['device']}, {peak['threads']} threads, "
             f"{peak['square_size']}^3): bf16 {peak['bf16_gflops']:,.0f} GFLOP/s, fp32 "
@@ -588,27 +625,41 @@ def main(argv: list[str] | None = None) -> None:
             f"{peak['bf16_model_shape_gflops']:,.0f}, fp32 {peak['fp32_model_shape_gflops']:,.0f}",
             flush=True,
         )
-    rows = []
-    for i, spec in enumerate(specs, start=1):
-        print(f"[{i}/{len(specs)}] {spec['label']} ...", flush=True)
-        result = launch(spec, raw, log_dir, i)
-        rows.append({**spec, **result})
-        phases = result.get("ms_per_step")
-        extra = (
-            f"; ms/step {', '.join(f'{k} {v:.0f}' for k, v in phases.items())}" if phases else ""
-        )
-        print(
-            f"    train {result['train_s']:.1f} s, {result['steps']} steps, "
-            f"{result['metric_name']} {result['metric']:.4f}, optimizer {result['optimizer']}"
-            f"{extra}",
-            flush=True,
-        )
+    runs: list[dict[str, Any]] = []
+    total = len(specs) * args.repeat
+    for r in range(args.repeat):  # round-robin, so a load change hits every variant alike
+        for spec in specs:
+            print(f"[{len(runs) + 1}/{total}] {spec['label']} ...", flush=True)
+            result = launch(spec, raw, log_dir, len(runs) + 1, args.omp_wait_policy)
+            runs.append({**spec, **result, "round": r})
+            phases = result.get("ms_per_step")
+            extra = (
+                f"; ms/step {', '.join(f'{k} {v:.0f}' for k, v in phases.items())}"
+                if phases
+                else ""
+            )
+            print(
+                f"    train {result['train_s']:.1f} s, {result['steps']} steps, "
+                f"{result['metric_name']} {result['metric']:.4f}, optimizer "
+                f"{result['optimizer']}, load {result['load_before'][0]:.1f} -> "
+                f"{result['load_after'][0]:.1f}{extra}",
+                flush=True,
+            )
+    # the fastest of each variant's repeats (the least disturbed by other processes)
+    rows = [
+        min((x for x in runs if x["label"] == spec["label"]), key=lambda x: x["train_s"])
+        for spec in specs
+    ]
     print()
     print(
         f"task {args.task}: {rows[0]['examples']} training examples x {args.epochs} epoch(s), "
         f"batch {args.batch_size}, lr {args.lr}, max length {args.max_length}, seed {args.seed}"
     )
     print(table(rows, peak, args.epochs))
+    if args.repeat > 1:
+        for spec in specs:
+            times = [f"{x['train_s']:.1f}" for x in runs if x["label"] == spec["label"]]
+            print(f"  {spec['label']}: train s of each repeat {', '.join(times)} (table: fastest)")
     n = rows[0]["params_nonembedding"]
     print(
         f"\nMFU = 6 x N x tokens/s / bf16 peak, N = {n:,} non-embedding parameters "
@@ -616,7 +667,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"load average after: {os.getloadavg()}")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"peak": peak, "runs": rows}, indent=2))
+        Path(args.json_out).write_text(json.dumps({"peak": peak, "runs": runs}, indent=2))
 
 
 if __name__ == "__main__":

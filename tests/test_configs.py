@@ -66,13 +66,17 @@ def test_option_composes_and_instantiates(
         enc = instantiate(cfg.encoder)
         assert enc.hidden_size > 0 and len(enc.layer_groups()) == enc.num_layers + 1
     elif group == "data" or (group == "experiment"):
-        data = instantiate(cfg.data, tokenizer=None)
-        assert data.task in ("classification", "sequence_labeling")
+        nodes = [t.data for t in cfg.tasks.values() if t] if cfg.get("tasks") else [cfg.data]
+        for node in nodes:
+            data = instantiate(node, tokenizer=None)
+            assert data.task in ("classification", "sequence_labeling")
     elif group in ("strategy",):
         assert instantiate(cfg.strategy).name
     elif group == "layer_pooling":
         pool = instantiate(cfg.layer_pooling, _partial_=True)(num_hidden_states=5, hidden_size=8)
         assert pool.output_size in (8, 32)
+    elif group == "head" and cfg.head.get("kind") == "sklearn":
+        assert hasattr(instantiate(cfg.head.estimator), "fit")
     elif group == "head":
         kw = {"labels": ["B-X", "I-X", "O"]} if option == "crf" else {}
         head = instantiate(cfg.head, _partial_=True)(input_size=8, num_labels=3, **kw)

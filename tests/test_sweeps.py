@@ -251,7 +251,6 @@ def test_failed_job_is_recorded_and_relaunch_skips_finished_jobs(tmp_path: Path)
     assert len(aggregate(sweep)) == 3 and (sweep / RESULTS_CSV).is_file()
 
 
-@pytest.mark.slow
 def test_local_parallel_launcher(tmp_path: Path) -> None:
     """hydra/launcher=local_parallel (submitit's local executor), 2 CPU jobs at once."""
     sweep = tmp_path / "sweep"
@@ -273,7 +272,6 @@ def test_local_parallel_launcher(tmp_path: Path) -> None:
     assert sorted(df["seed"]) == [1, 2] and set(df["status"]) == {"completed"}
 
 
-@pytest.mark.slow
 def test_ddp_inside_a_multirun(tmp_path: Path) -> None:
     """2 jobs × 2 DDP ranks (gloo on CPU): one folder per job, one result per job, metrics
     over both ranks' shards."""
@@ -308,3 +306,40 @@ def test_ddp_inside_a_multirun(tmp_path: Path) -> None:
     single, _ = evaluate(cfg)  # one process, the whole validation split
     for key in ("val/acc", "val/f1_macro", "val/loss"):
         assert metrics[key] == pytest.approx(single[key], abs=1e-5), key
+
+
+# --------------------------------------------------------------------------- ablations
+
+
+def _sweep_jobs(cfg: DictConfig) -> list[list[str]]:
+    """The jobs Hydra's basic sweeper makes of ``hydra.sweeper.params``."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = HydraConfig.get().sweeper.params
+    args = [f"{k}={v}" for k, v in params.items()]
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)
+    return [list(job) for batch in batches for job in batch]
+
+
+@pytest.mark.parametrize(
+    ("experiment", "jobs", "arms"),
+    [("ablation_feature_vs_finetune", 36, 12), ("ablation_strategies", 21, 7)],
+)
+def test_ablation_experiments(tmp_path: Path, experiment: str, jobs: int, arms: int) -> None:
+    cfg = _cfg(tmp_path, f"experiment={experiment}")
+    sweep = _sweep_jobs(cfg)
+    assert len(sweep) == jobs
+    assert len({tuple(o for o in job if not o.startswith("seed=")) for job in sweep}) == arms
+    assert {o for job in sweep for o in job if o.startswith("seed=")} == {
+        "seed=1",
+        "seed=2",
+        "seed=3",
+    }
+    assert cfg.task_name == experiment and cfg.data.max_train_examples is None
+    for job in (j for j in sweep if "seed=1" in j):  # each arm composes; lr by strategy
+        job_cfg = _cfg(tmp_path, f"experiment={experiment}", *job, "data.max_train_examples=8")
+        strategy = next(o.split("=")[1] for o in job if o.startswith("strategy="))
+        assert job_cfg.optimizer.lr == job_cfg.ablation.lr[strategy]
+        assert job_cfg.data.max_train_examples == 8

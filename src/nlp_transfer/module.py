@@ -133,6 +133,12 @@ class TransferModule(LightningModule):
             self.encoder.eval()  # feature extraction: no encoder dropout
         return self
 
+    def on_train_epoch_start(self) -> None:
+        # Lightning 2.x restores the modes modules had before fit instead of calling
+        # train(); from_pretrained returns models in eval mode, so without this a
+        # fine-tuned encoder would train with dropout off (and a frozen one with it on)
+        self.train()
+
     # -- forward ---------------------------------------------------------------------------
     def encode_all(
         self, batch: dict[str, torch.Tensor]

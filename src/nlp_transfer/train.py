@@ -27,7 +27,7 @@ import hydra
 import torch
 from hydra.utils import instantiate
 from lightning_fabric.plugins import CheckpointIO
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, ListConfig, open_dict
 from pytorch_lightning import Trainer, seed_everything
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
@@ -64,9 +64,10 @@ def _check_output_dir(out_dir: Path, resuming: bool) -> None:
     if not resuming:
         existing = existing_results(out_dir)
         if existing:
+            hint = "" if "metrics.json" in existing else f", or continue that run: resume={out_dir}"
             raise OutputExistsError(
                 f"{out_dir} already holds {existing} of another run; nothing was overwritten. "
-                f"Use a new hydra.run.dir, or continue that run: resume={out_dir}"
+                f"Use a new hydra.run.dir{hint}"
             )
         return
     if (out_dir / "metrics.json").exists():
@@ -135,8 +136,11 @@ def _prepare_loggers(cfg: DictConfig, plan: RunPlan) -> None:
 def _trainer_plugins(cfg: DictConfig) -> list[Any]:
     """``trainer.plugins`` plus the atomic checkpoint writer (``checkpoint_io``)."""
     configured = cfg.trainer.get("plugins")
-    plugins = [] if configured is None else instantiate(configured)
-    plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+    if configured is None:
+        configured = []
+    elif not isinstance(configured, ListConfig):
+        configured = [configured]
+    plugins = [instantiate(p) for p in configured]
     if cfg.get("checkpoint_io") and not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(instantiate(cfg.checkpoint_io))
     return plugins

@@ -93,6 +93,7 @@ class TransformerEncoder(Encoder):
             if config_overrides:
                 raise ValueError("encoder.config_overrides needs encoder.random_init=true")
             self.model = AutoModel.from_pretrained(self.name_or_path, **kw)
+        self.model.train()  # from_pretrained returns eval mode; the module decides per stage
         if isinstance(getattr(self.model, "pooler", None), nn.Module):
             # BERT-style pooler: never used (heads pool hidden states themselves); removing
             # it keeps DDP from failing on parameters that get no gradient

@@ -33,6 +33,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -450,10 +451,12 @@ def get_features(
                 bar.close()
         return writer.entry()
     parts = key_parts_for(encoder, datamodule, split, spec)
+    name = "/".join(Path(str(getattr(encoder, "name_or_path", ""))).parts[-2:])
+    random = " (random init)" if getattr(encoder, "random_init", False) else ""
     description = (
-        f"{type(encoder).__name__} {getattr(encoder, 'name_or_path', '')} {datamodule.task} "
-        f"{split} n={len(datamodule.examples[split])} {spec.level}/{spec.pooling} "
-        f"{spec.dtype} p{spec.precision}"
+        f"{datamodule.task} {split} n={len(datamodule.examples[split])} "
+        f"{spec.level}/{spec.pooling} {spec.dtype} p{spec.precision} | "
+        f"{type(encoder).__name__} {name}{random}"
     )
     entry = cache.get_or_compute(
         parts,

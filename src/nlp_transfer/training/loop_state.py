@@ -85,6 +85,23 @@ class ResumableSampler(DistributedSampler):
         return iter(indices[skip:])
 
 
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` that Lightning treats as resumable (``state_dict``/``load_state_dict``).
+
+    The position itself is restored by :class:`ResumeState` (which knows how many batches
+    were *trained*, not just fetched); the state here is informational only. Having it
+    tells Lightning that mid-epoch resume is handled, so it does not warn otherwise.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        sampler = self.sampler
+        epoch = int(sampler.epoch) if isinstance(sampler, ResumableSampler) else 0
+        return {"position_kept_by": "ResumeState", "epoch": epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to do: :class:`ResumeState` positions the sampler."""
+
+
 def capture_rng() -> dict[str, Any]:
     """torch, numpy, python and CUDA RNG states as tensors and plain containers."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
@@ -169,7 +186,7 @@ class ResumeState(Callback):
         if not _plain_shuffled(loader):
             return self.eval_loader(loader)
         sampler = ResumableSampler(loader.dataset, seed=self.seed)
-        rebuilt = DataLoader(
+        rebuilt = ResumableDataLoader(
             loader.dataset,
             batch_size=loader.batch_size,
             sampler=sampler,

@@ -19,13 +19,18 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import secrets
 import signal
+import string
+import subprocess
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
+from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
@@ -64,9 +69,10 @@ def existing_results(out_dir: Path) -> list[str]:
     """The :data:`RESULT_MARKERS` present in ``out_dir`` (empty folders do not count)."""
     found = []
     for marker in RESULT_MARKERS:
-        for path in sorted(out_dir.glob(marker)):
+        for path in out_dir.glob(marker):
             if path.is_file() or (path.is_dir() and any(path.iterdir())):
-                found.append(str(path.relative_to(out_dir)))
+                found.append(marker)
+                break
     return found
 
 
@@ -131,9 +137,8 @@ def wandb_run_id(run_dir: Path) -> str:
         stored = path.read_text(encoding="utf-8").strip()
         if stored:
             return stored
-    from wandb.util import generate_id
-
-    run_id = generate_id()
+    alphabet = string.ascii_lowercase + string.digits  # the form of wandb's own run ids
+    run_id = "".join(secrets.choice(alphabet) for _ in range(8))
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(run_id + "\n", encoding="utf-8")
@@ -143,16 +148,99 @@ def wandb_run_id(run_dir: Path) -> str:
 
 
 def slurm_environment(
-    auto_requeue: bool = True, requeue_signal: str = "SIGUSR1"
+    auto_requeue: bool = False, requeue_signal: str = "SIGUSR1"
 ) -> SLURMEnvironment:
     """Lightning's SLURM cluster environment with the requeue signal given by name.
 
-    On ``requeue_signal`` Lightning saves ``<run>/hpc_ckpt_<n>.ckpt`` and runs
-    ``scontrol requeue``; the requeued job's ``resume=auto`` continues from it.
+    With ``auto_requeue=True`` Lightning's own handler saves ``<run>/hpc_ckpt_<n>.ckpt``
+    *inside* the signal handler, i.e. at an arbitrary point of a training step (the loop
+    counters can disagree with the weights); :class:`SlurmRequeue` saves at the next batch
+    boundary instead, so ``conf/trainer/slurm.yaml`` turns Lightning's handler off.
     """
     return SLURMEnvironment(
         auto_requeue=auto_requeue, requeue_signal=getattr(signal, requeue_signal.upper())
     )
+
+
+def slurm_job_id() -> str | None:
+    """The id ``scontrol requeue`` takes (``<array job>_<task>`` in job arrays)."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+class SlurmRequeue(Callback):
+    """On SLURM's warning signal, checkpoint at the next batch boundary and requeue the job.
+
+    Submit with ``#SBATCH --signal=USR1@120`` (the signal some minutes before the time limit)
+    and run the same command with ``resume=auto`` and a fixed ``hydra.run.dir``: the requeued
+    job continues from ``checkpoints/steps/requeue_step_<n>.ckpt``. Inactive outside SLURM
+    (no ``SLURM_JOB_ID``). Under DDP the ranks agree on the signal before saving.
+
+    Args:
+        signal_name: the signal SLURM sends (``--signal``).
+        requeue: run ``requeue_cmd <job id>`` after saving (else only save).
+        requeue_cmd: the requeue command, ``["scontrol", "requeue"]`` by default.
+    """
+
+    def __init__(
+        self,
+        signal_name: str = "SIGUSR1",
+        requeue: bool = True,
+        requeue_cmd: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.signum = getattr(signal, signal_name.upper())
+        self.requeue = requeue
+        self.requeue_cmd = list(requeue_cmd or ["scontrol", "requeue"])
+        self.received = False
+        self.saved_path: Path | None = None
+        self._previous: Any = None
+        self._active = False
+
+    def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
+        self.received = True
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if slurm_job_id() is None:
+            return
+        # registered after Lightning's own handlers (Trainer._run), so this one wins
+        self._previous = signal.signal(self.signum, self._on_signal)
+        self._active = True
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return  # saved after this epoch's validation (on_train_epoch_end) instead
+        self._maybe_save(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._maybe_save(trainer)
+
+    def _maybe_save(self, trainer: Trainer) -> None:
+        if not self._active or self.saved_path is not None:
+            return
+        if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+            return
+        path = Path(trainer.default_root_dir) / "checkpoints" / "steps"
+        path = path / f"requeue_step_{trainer.global_step:08d}.ckpt"
+        trainer.save_checkpoint(path)
+        self.saved_path = path
+        log.info("SLURM signal: saved %s", path)
+        job = slurm_job_id()
+        if self.requeue and trainer.is_global_zero and job is not None:
+            result = subprocess.run([*self.requeue_cmd, job], check=False)
+            log.info("requeue of SLURM job %s: exit code %s", job, result.returncode)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.teardown(trainer, pl_module, "fit")
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._active:
+            signal.signal(self.signum, self._previous)
+            self._active = False
 
 
 class AppendingExperimentWriter(ExperimentWriter):
