@@ -378,3 +378,39 @@ def test_slurm_trainer_config(make_cfg) -> None:
 def test_progress_checkpoint_needs_a_step_count(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="model_checkpoint_steps=null"):
         ProgressCheckpoint(str(tmp_path), every_n_train_steps=0)
+
+
+@pytest.mark.slow
+def test_ddp_resume_mid_epoch_is_exact(tmp_path: Path) -> None:
+    """2 CPU processes (gloo): each rank's data shard and RNG state are restored."""
+    run, kept = tmp_path / "run", tmp_path / "reference"
+    cmd = _command(run, tmp_path / "cache", "trainer=ddp_sim", "trainer.max_epochs=2")
+    _run(cmd)  # 200 examples per rank: 13 steps per epoch
+    shutil.copytree(run, kept)
+    # the state a kill in the middle of epoch 2 leaves behind: nothing after step 15
+    for name in ("metrics.json", "status.json"):
+        (run / name).unlink()
+    for ckpt in (run / "checkpoints").rglob("*.ckpt"):
+        if torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] > 15:
+            ckpt.unlink()
+    _run([*cmd, "resume=auto"])
+    expected = json.loads((kept / "metrics.json").read_text())
+    got = json.loads((run / "metrics.json").read_text())
+    assert {k: v for k, v in got.items() if k != "train_wall_s"} == {
+        k: v for k, v in expected.items() if k != "train_wall_s"
+    }
+    final = "step_00000026.ckpt"
+    want = torch.load(kept / "checkpoints" / "steps" / final, weights_only=True)["state_dict"]
+    have = torch.load(run / "checkpoints" / "steps" / final, weights_only=True)["state_dict"]
+    assert all(torch.equal(want[k], have[k]) for k in want)
+
+
+def test_continuing_with_other_settings_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    from nlp_transfer.train import _warn_config_changes
+
+    stored = {"optimizer": {"lr": 1e-4}, "resume": None, "paths": {"output_dir": "/a"}}
+    with caplog.at_level("WARNING"):
+        _warn_config_changes(stored, {**stored, "resume": "auto", "paths": {"output_dir": "/b"}})
+        assert not caplog.records
+        _warn_config_changes(stored, {**stored, "optimizer": {"lr": 5e-4}})
+    assert "optimizer.lr: 0.0001 -> 0.0005" in caplog.text

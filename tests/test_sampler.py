@@ -224,5 +224,46 @@ def test_dataloader_and_lightning_ddp_injection() -> None:
         assert isinstance(new.batch_sampler, LengthGroupedBatchSampler)
         assert (new.batch_sampler.num_replicas, new.batch_sampler.rank) == (2, rank)
         assert new.batch_sampler.seed == 5
+        assert new.batch_sampler.source_sampler is dist
         shards.append([i for batch in new for i in batch])
     assert sorted(shards[0] + shards[1]) == list(range(64))
+
+
+def test_lightning_sets_the_epoch() -> None:
+    """Lightning calls set_epoch on ``batch_sampler.sampler``; every epoch gets its order."""
+    import pytorch_lightning as pl
+
+    lengths = _lengths(96, seed=4)
+
+    class Recorder(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.seen: list[list[int]] = []
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            self.seen.append(batch.tolist())
+            return (self.weight * batch.float()).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+        def train_dataloader(self) -> DataLoader:
+            sampler = LengthGroupedBatchSampler(lengths=lengths, batch_size=8, seed=9)
+            return DataLoader(list(range(96)), batch_sampler=sampler)
+
+    model = Recorder()
+    trainer = pl.Trainer(
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model)
+    reference = LengthGroupedBatchSampler(lengths=lengths, batch_size=8, seed=9)
+    expected = []
+    for epoch in range(3):
+        reference.set_epoch(epoch)
+        expected += list(reference)
+    assert model.seen == expected

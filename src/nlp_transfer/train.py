@@ -27,7 +27,7 @@ import hydra
 import torch
 from hydra.utils import instantiate
 from lightning_fabric.plugins import CheckpointIO
-from omegaconf import DictConfig, ListConfig, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from pytorch_lightning import Trainer, seed_everything
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
@@ -44,6 +44,7 @@ from nlp_transfer.builders import (
 from nlp_transfer.checkpoint import CheckpointError, check_fits, read_checkpoint
 from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.training.loop_state import ResumeState
+from nlp_transfer.training.progress_checkpoint import ProgressCheckpoint
 from nlp_transfer.training.resume import (
     AUTO,
     RunPlan,
@@ -133,6 +134,32 @@ def _prepare_loggers(cfg: DictConfig, plan: RunPlan) -> None:
                 lg._target_ = "nlp_transfer.training.resume.ResumableCSVLogger"
 
 
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def _warn_config_changes(stored: Any, current: dict[str, Any]) -> None:
+    """Log the settings that differ from the checkpoint's run (a resume should not change them)."""
+    ignored = ("resume.", "ckpt_path.", "paths.", "logger.", "extras.")
+    old, new = _flatten(stored), _flatten(current)
+    changed = sorted(
+        k.rstrip(".")
+        for k in old.keys() | new.keys()
+        if not k.startswith(ignored) and old.get(k) != new.get(k)
+    )
+    if changed:
+        log.warning(
+            "continuing a checkpoint whose run used other settings: %s%s",
+            ", ".join(f"{k}: {old.get(k + '.')!r} -> {new.get(k + '.')!r}" for k in changed[:10]),
+            f" (+{len(changed) - 10} more)" if len(changed) > 10 else "",
+        )
+
+
 def _trainer_plugins(cfg: DictConfig) -> list[Any]:
     """``trainer.plugins`` plus the atomic checkpoint writer (``checkpoint_io``)."""
     configured = cfg.trainer.get("plugins")
@@ -186,7 +213,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     datamodule.setup("fit")
     module = build_module(cfg, encoder, datamodule.labels, datamodule.task)
     if plan.ckpt_path is not None:  # never continue from another task's or label set's state
-        check_fits(read_checkpoint(plan.ckpt_path, mmap=True), datamodule.task, datamodule.labels)
+        stored = read_checkpoint(plan.ckpt_path, mmap=True)
+        check_fits(stored, datamodule.task, datamodule.labels)
+        _warn_config_changes(OmegaConf.to_container(stored.config), module.run_config)
 
     resume_state = ResumeState(cfg.get("seed"))  # data order position + RNG in checkpoints
     resume_state.attach(datamodule)
@@ -266,8 +295,12 @@ def _finish_loggers(loggers: list) -> None:
 
 def _best_checkpoint_callback(trainer: Trainer) -> ModelCheckpoint | None:
     """The checkpoint callback that tracks the monitored metric (not the step snapshots)."""
-    found = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
-    monitored = [c for c in found if c.monitor is not None and c.monitor != "step"]
+    found = [
+        c
+        for c in trainer.callbacks
+        if isinstance(c, ModelCheckpoint) and not isinstance(c, ProgressCheckpoint)
+    ]
+    monitored = [c for c in found if c.monitor is not None]
     return (monitored or found or [None])[0]
 
 

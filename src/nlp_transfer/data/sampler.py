@@ -35,8 +35,10 @@ up to ``batch_size * num_replicas - 1`` randomly chosen examples are skipped tha
 With Lightning, build it inside ``train_dataloader``: under DDP with
 ``use_distributed_sampler=True`` Lightning re-creates the batch sampler with a
 :class:`~torch.utils.data.DistributedSampler` as ``sampler``; only that sampler's
-``num_replicas`` and ``rank`` are read (its own order is ignored). Lightning calls
-:meth:`set_epoch` at every epoch start.
+``num_replicas`` and ``rank`` are read (its own order is ignored). Lightning 2.x calls
+``set_epoch`` on ``loader.sampler`` and ``loader.batch_sampler.sampler``, never on the batch
+sampler itself, so the batch sampler's ``sampler`` attribute is a small view whose
+``set_epoch`` forwards to :meth:`LengthGroupedBatchSampler.set_epoch`.
 """
 
 from __future__ import annotations
@@ -57,12 +59,31 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
+class _EpochView(Sampler[int]):
+    """``batch_sampler.sampler``: this rank's indices in batch order; ``set_epoch`` is
+    forwarded to the batch sampler (Lightning calls it here, see the module doc)."""
+
+    def __init__(self, owner: LengthGroupedBatchSampler) -> None:
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        for batch in self.owner.batches():
+            yield from batch
+
+    def __len__(self) -> int:
+        return sum(len(batch) for batch in self.owner.batches())
+
+
 class LengthGroupedBatchSampler(BatchSampler):
     """Batches of examples of similar length, in a seeded random order, split across ranks.
 
     Args:
         sampler: optional; only its ``num_replicas`` / ``rank`` attributes are used (a
-            ``DistributedSampler`` injected by Lightning). Its index order is ignored.
+            ``DistributedSampler`` injected by Lightning; kept as ``source_sampler``). Its
+            index order is ignored.
         lengths: length of every example (e.g. ``len(input_ids)``), indexed like the dataset.
         batch_size: examples per batch on each rank.
         num_replicas / rank: defaults: from ``sampler``, else the process group, else 1 / 0.
@@ -100,8 +121,9 @@ class LengthGroupedBatchSampler(BatchSampler):
             rank = this_rank if rank is None else rank
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} outside [0, {num_replicas})")
-        # BatchSampler's own state, for code that inspects it (Lightning reads these names)
-        self.sampler = sampler
+        # BatchSampler's attributes, read by Lightning
+        self.source_sampler = sampler
+        self.sampler = _EpochView(self)
         self.batch_size = int(batch_size)
         self.drop_last = bool(drop_last)
         self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)

@@ -14,8 +14,8 @@ each checkpoint holds the sampler seed, the epoch, the number of batches already
 it and the torch/numpy/python(/CUDA) RNG states, all as plain types (``weights_only`` loads
 them). On resume the sampler skips exactly the batches already trained and the RNG states
 are put back just before the first training batch, so an interrupted run continues as the
-uninterrupted one would have. Under DDP every rank gets rank 0's RNG state back (ranks are
-seeded alike by ``seed_everything``).
+uninterrupted one would have. Under DDP each rank's RNG states are gathered into the
+checkpoint and every rank gets its own back (with another number of ranks, rank 0's).
 """
 
 from __future__ import annotations
@@ -220,7 +220,14 @@ class ResumeState(Callback):
         self._trainer = trainer
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"seed": self.seed, "rng": capture_rng()}
+        rng = capture_rng()
+        state: dict[str, Any] = {"seed": self.seed, "rng": rng}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank dumps the checkpoint together (rank 0 writes it): gather all ranks'
+            # states, since dropout draws differ between ranks (different padded lengths)
+            per_rank: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(per_rank, rng)
+            state["rng_per_rank"] = per_rank
         trainer = self._trainer
         if trainer is not None:
             loop = trainer.fit_loop
@@ -235,6 +242,10 @@ class ResumeState(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seed = int(state_dict.get("seed", self.seed))
         self._pending_rng = state_dict.get("rng")
+        per_rank = state_dict.get("rng_per_rank")
+        replicas, rank = _world()
+        if per_rank and len(per_rank) == replicas:
+            self._pending_rng = per_rank[rank]
         if "epoch" in state_dict:
             self._pending_position = {
                 k: int(state_dict[k]) for k in ("epoch", "batches_done", "num_batches")
