@@ -5,14 +5,18 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/profile_step.py                     # everything below
     .venv/bin/python benchmarks/profile_step.py --steps 40 --torch-profile 5
 
+On a CPU shared with other processes, run it with ``OMP_WAIT_POLICY=PASSIVE`` (spinning
+OpenMP threads otherwise make every phase several times slower and erratic).
+
 Three measurements on CoNLL-2003 batches (32 sentences) with the packaged MiniLM:
 
 1. ``manual``: the template's model (built from ``experiment=conll2003`` like ``train``)
    stepped by a plain loop under bf16 autocast, timed per phase, once per AdamW
-   implementation (the for-loop default on CPU, ``foreach=True``, ``fused=True``);
+   implementation (the for-loop default on CPU, ``foreach=True``, ``fused=True``; with
+   ``--deterministic``, also fused without NaN-filling new tensors);
 2. ``optimizer``: ``AdamW.step`` alone on the same parameters with random gradients, for each
    implementation, for all parameters / the word embeddings only / everything else, plus
-   ``clip_grad_norm_`` and ``zero_grad``;
+   ``clip_grad_norm_``;
 3. ``lightning``: the real ``train(cfg)`` with a callback timing the phases between
    Lightning's hooks (so Lightning's own per-step overhead is included);
 and optionally (``--torch-profile N``) the top operators of N manual steps by self CPU time.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from typing import Any
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ def _lengths(n: int, seed: int = 0) -> list[int]:
 
 
 def _ranks(
-    lengths: list[int], world: int, epoch: int = 0, seed: int = 7, **kw
+    lengths: list[int], world: int, epoch: int = 0, seed: int = 7, **kw: Any
 ) -> list[list[list[int]]]:
     """Every rank's batches for one epoch."""
     out = []

@@ -2,7 +2,7 @@
 on, relaunch skips finished jobs, GPU pinning wiring, DDP inside a multirun, the launcher
 configs (submitit's local executor) and wandb names in RUN and MULTIRUN mode.
 
-The multirun tests run ``python -m nlp_transfer.sweeps.run_train`` (train + run_job);
+The multirun tests run ``python -m nlp_transfer.train`` (whose main wraps train in run_job);
 ``nlp_transfer.train`` does the same once its ``main`` calls ``run_job``."""
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def _multirun(log_dir: Path, *overrides: str, timeout: int = 900) -> subprocess.
     cmd = [
         sys.executable,
         "-m",
-        "nlp_transfer.sweeps.run_train",
+        "nlp_transfer.train",
         "-m",
         *TINY,
         f"paths.log_dir={log_dir}",

@@ -349,10 +349,12 @@ def run_and_record(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns the optimized metric for sweepers."""
-    metrics = run_and_record(cfg)
-    key = cfg.get("optimized_metric")
-    return metrics.get(key) if key else None
+    """Hydra entry point; returns the optimized metric for sweepers (nan for a failed sweep
+    job). ``run_job`` skips completed sweep jobs, pins GPUs for parallel local jobs and keeps
+    a multirun going when one job fails."""
+    from nlp_transfer.sweeps.job import run_job
+
+    return run_job(cfg, run_and_record)
 
 
 if __name__ == "__main__":

@@ -226,7 +226,9 @@ class TransferDataModule(LightningDataModule):
         kw: dict[str, Any] = {"batched": True, "remove_columns": ds.column_names}
         if self.cache_tokenization:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            kw["cache_file_name"] = str(self.cache_dir / f"{self.task}-{self.cache_key(split)}.arrow")
+            kw["cache_file_name"] = str(
+                self.cache_dir / f"{self.task}-{self.cache_key(split)}.arrow"
+            )
             kw["load_from_cache_file"] = True
             kw["new_fingerprint"] = self.cache_key(split)  # our key; skips datasets' hashing
         ds = ds.map(self.tokenize_batch, desc=f"tokenizing {split}", **kw)
