@@ -101,7 +101,7 @@ def test_auxiliary_run_logs_aux_metrics_and_export_has_no_aux_heads(
 
 def test_lp_ft_two_stages_one_command(make_cfg) -> None:
     # monitor=null: the "best" checkpoint is the latest one, i.e. the end of stage 2
-    metrics, objects = train(
+    _metrics, objects = train(
         make_cfg(
             "strategy=lp_ft", "trainer.max_epochs=2", "callbacks.model_checkpoint.monitor=null"
         )
