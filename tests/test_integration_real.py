@@ -36,6 +36,10 @@ def test_minilm_conll_slice(make_cfg, shared_data: Path) -> None:
         f"data.data_dir={shared_data / 'conll2003'}",
         "data.max_train_examples=2000",
         "data.max_eval_examples=1000",
+        # a slice of 2,000 sentences gives few steps at the full-data recipe's batch size:
+        # smaller batches and a higher peak LR
+        "data.batch_size=16",
+        "optimizer.lr=2e-4",
         "trainer.enable_progress_bar=false",
         "trainer.num_sanity_val_steps=0",
         "extras.print_config=false",
