@@ -219,7 +219,32 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     resume_state = ResumeState(cfg.get("seed"))  # data order position + RNG in checkpoints
     resume_state.attach(datamodule)
-    callbacks = build_callbacks(cfg) + list(module.spec.callbacks) + [resume_state]
+    metrics, trainer = fit_and_score(
+        cfg,
+        module,
+        datamodule,
+        plan,
+        datamodule.task,
+        [resume_state],
+        run_test="test" in datamodule.examples,
+    )
+    write_metrics(metrics, trainer, out_dir)
+    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "cfg": cfg}
+
+
+def fit_and_score(
+    cfg: DictConfig,
+    module: Any,
+    datamodule: Any,
+    plan: Any,
+    task: str,
+    extra_callbacks: list[Any] | tuple = (),
+    run_test: bool = True,
+    **trainer_kwargs: Any,
+) -> tuple[dict[str, Any], Trainer]:
+    """Build the trainer, fit, score the best checkpoint on validation (and test), write
+    ``metrics.json``; shared by single-task and multi-task runs."""
+    callbacks = build_callbacks(cfg) + list(module.spec.callbacks) + list(extra_callbacks)
     _prepare_loggers(cfg, plan)
     loggers = build_loggers(cfg)
     plugins = _trainer_plugins(cfg)
@@ -228,6 +253,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         callbacks=callbacks,
         logger=loggers or False,
         **({"plugins": plugins} if plugins else {}),
+        **trainer_kwargs,
     )
     for lg in loggers:
         lg.log_hyperparams(plain_config(cfg))
@@ -241,27 +267,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     ckpt_cb = _best_checkpoint_callback(trainer)
     best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
-    eval_ckpt = best if best else None  # None: the weights in memory (e.g. fast_dev_run)
+    # ckpt_path None: the weights in memory (e.g. fast_dev_run)
+    evaluate = {"ckpt_path": best, "verbose": False, "weights_only": True}
     metrics: dict[str, Any] = {}
-    metrics.update(
-        _final_metrics(
-            trainer.validate(
-                module, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False, weights_only=True
-            )
-        )
-    )
-    if cfg.get("test", True) and "test" in datamodule.examples:
-        metrics.update(
-            _final_metrics(
-                trainer.test(
-                    module,
-                    datamodule=datamodule,
-                    ckpt_path=eval_ckpt,
-                    verbose=False,
-                    weights_only=True,
-                )
-            )
-        )
+    metrics.update(_final_metrics(trainer.validate(module, datamodule=datamodule, **evaluate)))
+    if cfg.get("test", True) and run_test:
+        metrics.update(_final_metrics(trainer.test(module, datamodule=datamodule, **evaluate)))
         metrics.update(module.last_test_report)
     metrics = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
     metrics.update(getattr(module, "stage_metrics", {}))  # e.g. LP-FT's stage-1 (lp/...) scores
@@ -274,15 +285,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "train_wall_s": round(wall, 3),
             **counts,
             "seed": cfg.get("seed"),
-            "task": datamodule.task,
+            "task": task,
             "strategy": module.strategy.name,
         }
     )
     _finish_loggers(loggers)
+    return metrics, trainer
+
+
+def write_metrics(metrics: dict[str, Any], trainer: Trainer, out_dir: Path) -> None:
     if trainer.is_global_zero:
         atomic_write_json(out_dir / "metrics.json", metrics)
         _print_summary(metrics, out_dir)
-    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "cfg": cfg}
 
 
 def _finish_loggers(loggers: list) -> None:

@@ -31,17 +31,14 @@ variant; a strategy given as an object must set it itself).
 from __future__ import annotations
 
 import re
-import time
-from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from pytorch_lightning import Trainer, seed_everything
+from pytorch_lightning import seed_everything
 
-from nlp_transfer.builders import build_callbacks, build_encoder, build_loggers, plain_config
+from nlp_transfer.builders import build_encoder, plain_config
 from nlp_transfer.checkpoint import check_fits, read_checkpoint
 from nlp_transfer.data.base import TransferDataModule
 from nlp_transfer.data.errors import ConfigError
@@ -50,17 +47,11 @@ from nlp_transfer.encoders.base import Encoder
 from nlp_transfer.multitask.datamodule import MultiTaskDataModule
 from nlp_transfer.multitask.module import MultiTaskModule, TaskSpec
 from nlp_transfer.train import (
-    _best_checkpoint_callback,
-    _best_epoch,
-    _final_metrics,
-    _finish_loggers,
     _plan_run,
-    _prepare_loggers,
-    _print_summary,
-    _trainer_plugins,
+    fit_and_score,
+    write_metrics,
 )
 from nlp_transfer.utils.config_tree import print_config_tree
-from nlp_transfer.utils.io import atomic_write_json
 
 TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 TASK_KEYS = {"name", "data", "head", "loss_weight", "subword_pooling", "primary_metric"}
@@ -248,59 +239,25 @@ def train_multitask(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if plan.ckpt_path is not None:  # never continue from another model's state
         check_fits(read_checkpoint(plan.ckpt_path, mmap=True), "multitask", list(module.tasks))
 
-    callbacks = build_callbacks(cfg) + list(module.spec.callbacks)
-    _prepare_loggers(cfg, plan)
-    loggers = build_loggers(cfg)
-    plugins = _trainer_plugins(cfg)
-    trainer: Trainer = hydra.utils.instantiate(
-        cfg.trainer,
-        callbacks=callbacks,
-        logger=loggers or False,
-        **({"plugins": plugins} if plugins else {}),
+    metrics, trainer = fit_and_score(
+        cfg,
+        module,
+        datamodule,
+        plan,
+        "multitask",
+        run_test=bool(module.test_tasks),
         **trainer_overrides(cfg),
     )
-    for lg in loggers:
-        lg.log_hyperparams(plain_config(cfg))
-
-    counts = module.parameter_counts()
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=plan.ckpt_path, weights_only=True)
-    wall = time.perf_counter() - start
-    if trainer.interrupted:
-        raise KeyboardInterrupt("training was interrupted; the last checkpoint is kept")
-
-    ckpt_cb = _best_checkpoint_callback(trainer)
-    best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
-    evaluate = {"ckpt_path": best, "verbose": False, "weights_only": True}
-    metrics: dict[str, Any] = {}
-    metrics.update(_final_metrics(trainer.validate(module, datamodule=datamodule, **evaluate)))
-    if cfg.get("test", True) and module.test_tasks:
-        metrics.update(_final_metrics(trainer.test(module, datamodule=datamodule, **evaluate)))
-        metrics.update(module.last_test_report)
-    metrics = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
-    metrics.update(getattr(module, "stage_metrics", {}))  # e.g. LP-FT's stage-1 scores
     scheduler = datamodule.scheduler
     last_epoch = max(int(trainer.current_epoch) - 1, 0)
     metrics.update(
         {
-            "best_checkpoint": str(Path(best).resolve()) if best else None,
-            "best_epoch": _best_epoch(ckpt_cb),
-            "epochs": int(trainer.current_epoch),
-            "global_steps": int(trainer.global_step),
-            "train_wall_s": round(wall, 3),
-            **counts,
-            "seed": cfg.get("seed"),
-            "task": "multitask",
             "tasks": datamodule.task_types,
-            "strategy": module.strategy.name,
             "sampling": datamodule.sampling,
             "steps_per_epoch": scheduler.steps if scheduler else None,
             "task_probabilities": scheduler.probabilities() if scheduler else None,
             "task_steps_last_epoch": scheduler.counts(last_epoch) if scheduler else None,
         }
     )
-    _finish_loggers(loggers)
-    if trainer.is_global_zero:
-        atomic_write_json(out_dir / "metrics.json", metrics)
-        _print_summary(metrics, out_dir)
+    write_metrics(metrics, trainer, out_dir)
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "cfg": cfg}
