@@ -414,3 +414,36 @@ def test_continuing_with_other_settings_is_reported(caplog: pytest.LogCaptureFix
         assert not caplog.records
         _warn_config_changes(stored, {**stored, "optimizer": {"lr": 5e-4}})
     assert "optimizer.lr: 0.0001 -> 0.0005" in caplog.text
+
+
+def test_length_grouped_resume_mid_epoch_is_exact(tmp_path: Path) -> None:
+    """With ``data.length_grouping=true`` the batch sampler is seeded from the run's seed
+    and positioned after the trained batches: a resume mid epoch 2 ends bitwise equal."""
+    run, kept = tmp_path / "run", tmp_path / "reference"
+    cmd = _command(
+        run,
+        tmp_path / "cache",
+        "data.length_grouping=true",
+        "trainer.max_epochs=2",
+        "callbacks.throttle.seconds=0",
+        "callbacks.model_checkpoint_steps.keep=20",
+    )
+    _run(cmd)
+    shutil.copytree(run, kept)
+    for name in ("metrics.json", "status.json"):
+        (run / name).unlink()
+    for ckpt in (run / "checkpoints").rglob("*.ckpt"):
+        if torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] > 35:
+            ckpt.unlink()
+    resumed = _run([*cmd, "resume=auto"])
+    log = resumed.stderr + resumed.stdout + (run / "train.log").read_text(encoding="utf-8")
+    assert "resume: epoch 1 continues after 10 trained batches" in log
+    expected = json.loads((kept / "metrics.json").read_text())
+    got = json.loads((run / "metrics.json").read_text())
+    assert {k: v for k, v in got.items() if k != "train_wall_s"} == {
+        k: v for k, v in expected.items() if k != "train_wall_s"
+    }
+    final = f"step_{2 * STEPS_PER_EPOCH:08d}.ckpt"
+    want = torch.load(kept / "checkpoints" / "steps" / final, weights_only=True)["state_dict"]
+    have = torch.load(run / "checkpoints" / "steps" / final, weights_only=True)["state_dict"]
+    assert all(torch.equal(want[k], have[k]) for k in want)

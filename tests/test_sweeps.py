@@ -343,3 +343,5 @@ def test_ablation_experiments(tmp_path: Path, experiment: str, jobs: int, arms: 
         strategy = next(o.split("=")[1] for o in job if o.startswith("strategy="))
         assert job_cfg.optimizer.lr == job_cfg.ablation.lr[strategy]
         assert job_cfg.data.max_train_examples == 8
+        cache = job_cfg.ablation.get("feature_cache", {}).get(strategy, False)
+        assert job_cfg.features.cache == cache

@@ -133,11 +133,15 @@ class TransferModule(LightningModule):
             self.encoder.eval()  # feature extraction: no encoder dropout
         return self
 
-    def on_train_epoch_start(self) -> None:
+    def on_train_start(self) -> None:
         # Lightning 2.x restores the modes modules had before fit instead of calling
         # train(); from_pretrained returns models in eval mode, so without this a
-        # fine-tuned encoder would train with dropout off (and a frozen one with it on)
+        # fine-tuned encoder would train with dropout off (and a frozen one with it on).
+        # Here for runs resumed mid-epoch (Lightning then skips on_train_epoch_start).
         self.train()
+
+    def on_train_epoch_start(self) -> None:
+        self.train()  # every epoch too: cheap, and robust to modes changed between epochs
 
     # -- forward ---------------------------------------------------------------------------
     def encode_all(
@@ -387,6 +391,33 @@ class TransferModule(LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip as Lightning does, also for fused optimizers under bf16.
+
+        Lightning's mixed-precision plugin refuses to clip for any optimizer that unscales
+        gradients itself (fused AdamW), because under fp16 the gradients are still scaled
+        at that point. bf16 has no loss scaler, so the gradients are already true values
+        and clipping them here is exactly what the unfused path does.
+        """
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if (
+            gradient_clip_val
+            and scaler is None
+            and getattr(optimizer, "_step_supports_amp_scaling", False)
+        ):
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self.log_grad_norm:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from nlp_transfer.data.errors import ConfigError, DataError
 from nlp_transfer.data.labels import LabelVocab
 from nlp_transfer.data.readers import find_split_file
+from nlp_transfer.data.sampler import LengthGroupedBatchSampler, lengths_of
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ class TransferDataModule(LightningDataModule):
 
     Splits come from ``data_dir`` (``train.*``, optional ``validation.*``/``test.*``) or
     explicit ``<split>_file`` keys (an explicit key wins). Without a validation split a
-    seeded ``val_fraction`` of train is carved out.
+    seeded ``val_fraction`` of train is carved out. ``length_grouping`` batches training
+    examples of similar length together (shuffled megabatches, far less padding).
     """
 
     task: str = ""
@@ -73,6 +75,7 @@ class TransferDataModule(LightningDataModule):
         max_eval_examples: int | None = None,
         cache_dir: str | None = None,
         cache_tokenization: bool = True,
+        length_grouping: bool = False,
     ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
@@ -91,6 +94,7 @@ class TransferDataModule(LightningDataModule):
         self.max_eval_examples = max_eval_examples
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "tokenized"
         self.cache_tokenization = cache_tokenization
+        self.length_grouping = bool(length_grouping)
         self.vocab: LabelVocab | None = None
         self.examples: dict[str, list[Any]] = {}
         self.datasets: dict[str, Dataset] = {}
@@ -254,7 +258,22 @@ class TransferDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.length_grouping:
+            return self._grouped_loader("train", self.batch_size)
         return self._loader("train", True, self.batch_size)
+
+    def _grouped_loader(self, split: str, batch_size: int) -> DataLoader:
+        """Batches of similar-length examples in a seeded random order (less padding);
+        DDP-aware and resumable mid-epoch (see :mod:`nlp_transfer.data.sampler`)."""
+        dataset = self.tokenized(split)
+        sampler = LengthGroupedBatchSampler(lengths=lengths_of(dataset), batch_size=batch_size)
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", False, self.eval_batch_size)

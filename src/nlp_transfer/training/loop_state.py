@@ -34,6 +34,8 @@ from pytorch_lightning import Callback, LightningDataModule, LightningModule, Tr
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
+from nlp_transfer.data.sampler import LengthGroupedBatchSampler
+
 log = logging.getLogger(__name__)
 
 
@@ -163,6 +165,7 @@ class ResumeState(Callback):
         self._trainer: Trainer | None = None
         self._pending_position: dict[str, int] | None = None
         self._pending_rng: dict[str, Any] | None = None
+        self.grouped = False
 
     # -- wiring -----------------------------------------------------------------------------
     def attach(self, datamodule: LightningDataModule) -> None:
@@ -183,6 +186,18 @@ class ResumeState(Callback):
         returned as they are (their order does not depend on the global RNG, or cannot be
         reproduced by this sampler).
         """
+        if isinstance(loader, DataLoader) and isinstance(
+            loader.batch_sampler, LengthGroupedBatchSampler
+        ):
+            # seed and position are set in on_train_epoch_start, on the batch sampler the
+            # trainer really iterates (under DDP Lightning rebuilds it from its init args)
+            self.grouped = True
+            return ResumableDataLoader(
+                loader.dataset,
+                batch_sampler=loader.batch_sampler,
+                generator=_private_generator(self.seed),
+                **_loader_kwargs(loader),
+            )
         if not _plain_shuffled(loader):
             return self.eval_loader(loader)
         sampler = ResumableSampler(loader.dataset, seed=self.seed)
@@ -250,6 +265,41 @@ class ResumeState(Callback):
             self._pending_position = {
                 k: int(state_dict[k]) for k in ("epoch", "batches_done", "num_batches")
             }
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning skips on_train_epoch_start when it restarts mid-epoch
+        self._prepare_grouped(trainer)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._prepare_grouped(trainer)  # loaders may be rebuilt between epochs
+
+    def _prepare_grouped(self, trainer: Trainer) -> None:
+        """Seed a length-grouped batch sampler and position it on resume (before the
+        epoch's iterator exists: Lightning creates it after these hooks)."""
+        if not self.grouped:
+            return
+        batch_sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+        if not isinstance(batch_sampler, LengthGroupedBatchSampler):
+            return
+        batch_sampler.seed = self.seed
+        pos = self._pending_position
+        if pos is None:
+            return
+        self._pending_position = None
+        epoch, done, total = pos["epoch"], pos["batches_done"], pos["num_batches"]
+        if total >= 0 and done >= total:
+            epoch, done = epoch + 1, 0
+        if epoch != trainer.current_epoch:
+            log.warning(
+                "resume: the loop restarted at epoch %d, the checkpoint was taken in epoch %d; "
+                "serving epoch %d from its start",
+                trainer.current_epoch,
+                epoch,
+                trainer.current_epoch,
+            )
+            return
+        batch_sampler.resume_at(epoch, done)
+        log.info("resume: epoch %d continues after %d trained batches", epoch, done)
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int

@@ -1,0 +1,102 @@
+"""The speed switches of issue 8: length-grouped training batches and fused AdamW (with
+gradient clipping under bf16)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from pytorch_lightning import Callback, LightningModule
+
+from nlp_transfer.builders import build_datamodule, build_encoder
+from nlp_transfer.data.sampler import LengthGroupedBatchSampler, lengths_of, padding_stats
+from nlp_transfer.train import train
+
+
+@pytest.mark.parametrize("data", ["demo_classification", "demo_ner"])
+def test_grouped_loader_covers_each_example_once_with_less_padding(make_cfg, data) -> None:
+    cfg = make_cfg(f"data={data}", "data.length_grouping=true")
+    dm = build_datamodule(cfg, build_encoder(cfg))
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader.batch_sampler, LengthGroupedBatchSampler)
+    batches = list(loader.batch_sampler)
+    n = len(dm.tokenized("train"))
+    assert sorted(i for b in batches for i in b) == list(range(n))
+    lengths = lengths_of(dm.tokenized("train"))
+    _, grouped = padding_stats(batches, lengths)
+    plain = list(torch.randperm(n, generator=torch.Generator().manual_seed(0)).split(dm.batch_size))
+    _, shuffled = padding_stats([b.tolist() for b in plain], lengths)
+    assert grouped < shuffled
+    seen = sum(len(batch["input_ids"]) for batch in loader)
+    assert seen == n
+
+
+class RecordSampler(Callback):
+    """Keeps the batch sampler the trainer iterates in the first training batch."""
+
+    seen: ClassVar[list[Any]] = []
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
+        if idx == 0:
+            sampler = trainer.train_dataloader.batch_sampler
+            RecordSampler.seen.append((sampler, sampler.seed, len(sampler)))
+
+
+def test_training_seeds_grouped_sampler_with_run_seed(make_cfg) -> None:
+    RecordSampler.seen.clear()
+    cfg = make_cfg(
+        "data.length_grouping=true",
+        "seed=7",
+        "+callbacks.record._target_=tests.test_speed_options.RecordSampler",
+    )
+    metrics, _ = train(cfg)
+    ((sampler, seed, batches),) = RecordSampler.seen
+    assert isinstance(sampler, LengthGroupedBatchSampler)
+    assert seed == 7
+    assert metrics["global_steps"] == batches
+
+
+def _weights_after(make_cfg, run: str, *overrides: str) -> dict[str, torch.Tensor]:
+    cfg = make_cfg(
+        "trainer=bf16",
+        "+trainer.max_steps=4",
+        "trainer.gradient_clip_val=0.01",
+        "callbacks.model_checkpoint=null",
+        *overrides,
+        run=run,
+    )
+    _, objects = train(cfg)
+    return {k: v.detach().clone() for k, v in objects["module"].state_dict().items()}
+
+
+def test_fused_adamw_clips_under_bf16_like_the_default(make_cfg) -> None:
+    """Lightning refuses to clip with a fused optimizer under mixed precision; bf16 has no
+    loss scaler, so the module clips itself and must match the unfused run."""
+    plain = _weights_after(make_cfg, "plain")
+    fused = _weights_after(make_cfg, "fused", "optimizer.fused=true")
+    assert plain.keys() == fused.keys()
+    for k in plain:
+        torch.testing.assert_close(fused[k], plain[k], atol=2e-5, rtol=1e-4, msg=k)
+    unclipped = _weights_after(make_cfg, "unclipped", "trainer.gradient_clip_val=null")
+    assert any(not torch.allclose(unclipped[k], plain[k], atol=1e-4) for k in plain)
+
+
+def test_fused_clipping_norm_and_value() -> None:
+    from nlp_transfer.module import TransferModule
+
+    param = torch.nn.Parameter(torch.zeros(4))
+    opt = torch.optim.AdamW([param], lr=0.1, fused=True)
+    assert opt._step_supports_amp_scaling
+    fake = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None))
+    module = TransferModule.__new__(TransferModule)
+    LightningModule.__init__(module)
+    module._trainer = fake  # type: ignore[assignment]
+    param.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])
+    module.configure_gradient_clipping(opt, 1.0, "norm")
+    torch.testing.assert_close(param.grad.norm(), torch.tensor(1.0))
+    param.grad = torch.tensor([3.0, -4.0, 0.5, 0.0])
+    module.configure_gradient_clipping(opt, 1.0, "value")
+    assert param.grad.tolist() == [1.0, -1.0, 0.5, 0.0]
