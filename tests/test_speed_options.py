@@ -75,12 +75,14 @@ def _weights_after(make_cfg, run: str, *overrides: str) -> dict[str, torch.Tenso
 def test_fused_adamw_clips_under_bf16_like_the_default(make_cfg) -> None:
     """Lightning refuses to clip with a fused optimizer under mixed precision; bf16 has no
     loss scaler, so the module clips itself and must match the unfused run."""
-    plain = _weights_after(make_cfg, "plain")
+    plain = _weights_after(make_cfg, "plain", "optimizer.fused=false")
     fused = _weights_after(make_cfg, "fused", "optimizer.fused=true")
     assert plain.keys() == fused.keys()
     for k in plain:
         torch.testing.assert_close(fused[k], plain[k], atol=2e-5, rtol=1e-4, msg=k)
-    unclipped = _weights_after(make_cfg, "unclipped", "trainer.gradient_clip_val=null")
+    unclipped = _weights_after(
+        make_cfg, "unclipped", "optimizer.fused=true", "trainer.gradient_clip_val=null"
+    )
     assert any(not torch.allclose(unclipped[k], plain[k], atol=1e-4) for k in plain)
 
 
@@ -100,3 +102,11 @@ def test_fused_clipping_norm_and_value() -> None:
     param.grad = torch.tensor([3.0, -4.0, 0.5, 0.0])
     module.configure_gradient_clipping(opt, 1.0, "value")
     assert param.grad.tolist() == [1.0, -1.0, 0.5, 0.0]
+
+
+@pytest.mark.slow
+def test_compiled_encoder_trains_and_keeps_parameter_names(make_cfg) -> None:
+    metrics, objects = train(make_cfg("model.compile=true", "data.max_train_examples=64"))
+    assert metrics["global_steps"] == 4
+    names = list(objects["module"].state_dict())
+    assert names and not any("_orig_mod" in n for n in names)

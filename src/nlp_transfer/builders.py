@@ -93,6 +93,7 @@ def build_module(cfg: DictConfig, encoder: Encoder, labels: list[str], task: str
         ),
         log_grad_norm=bool(model_cfg.get("log_grad_norm", False)),
         check_finite_loss=bool(model_cfg.get("check_finite_loss", True)),
+        compile_encoder=bool(model_cfg.get("compile", False)),
         run_config=plain_config(cfg),
     )
 

@@ -48,6 +48,8 @@ class TransferModule(LightningModule):
         subword_pooling: sequence labeling only: subword → word features.
         run_config: the resolved run config as plain data, saved in checkpoints so that
             eval/predict/export can rebuild the model.
+        compile_encoder: ``torch.compile`` the encoder (dynamic shapes), after the strategy
+            has set it up.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class TransferModule(LightningModule):
         log_grad_norm: bool = False,
         check_finite_loss: bool = True,
         run_config: dict[str, Any] | None = None,
+        compile_encoder: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -97,6 +100,9 @@ class TransferModule(LightningModule):
         self.strategy = strategy
         self._build_metrics()
         self.spec: TrainableSpec = strategy.compile(self)
+        if compile_encoder:
+            # in place (nn.Module.compile): parameter names, hence checkpoints, unchanged
+            self.encoder.compile(dynamic=True)
         self.last_test_report: dict[str, float] = {}
         self._window_buffer: dict[str, list[Any]] = {}
 

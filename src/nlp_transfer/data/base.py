@@ -263,16 +263,9 @@ class TransferDataModule(LightningDataModule):
         return self._loader("train", True, self.batch_size)
 
     def _grouped_loader(self, split: str, batch_size: int) -> DataLoader:
-        """Batches of similar-length examples in a seeded random order (less padding);
-        DDP-aware and resumable mid-epoch (see :mod:`nlp_transfer.data.sampler`)."""
         dataset = self.tokenized(split)
-        sampler = LengthGroupedBatchSampler(lengths=lengths_of(dataset), batch_size=batch_size)
-        return DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+        return grouped_loader(
+            dataset, lengths_of(dataset), batch_size, self.collate, self.num_workers
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -286,6 +279,22 @@ class TransferDataModule(LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         return {"labels": self.labels, "task": self.task}
+
+
+def grouped_loader(
+    dataset: Any, lengths: Sequence[int], batch_size: int, collate: Collate, num_workers: int = 0
+) -> DataLoader:
+    """Batches of similar-length examples in a seeded random order (less padding); DDP-aware
+    and resumable mid-epoch (see :mod:`nlp_transfer.data.sampler`). The seed defaults to the
+    run's (``PL_GLOBAL_SEED``); :class:`~nlp_transfer.training.loop_state.ResumeState` sets
+    it to the seed it keeps in checkpoints."""
+    return DataLoader(
+        dataset,
+        batch_sampler=LengthGroupedBatchSampler(lengths=lengths, batch_size=batch_size),
+        collate_fn=collate,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
 
 
 def pad_to(seqs: list[list[int]], value: int) -> torch.Tensor:

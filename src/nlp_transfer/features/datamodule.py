@@ -30,8 +30,9 @@ from omegaconf import DictConfig
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from nlp_transfer.data.base import TransferDataModule
+from nlp_transfer.data.base import TransferDataModule, grouped_loader
 from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.data.sampler import lengths_of
 from nlp_transfer.encoders.base import Encoder
 from nlp_transfer.features.cache import FeatureCache
 from nlp_transfer.features.extract import (
@@ -214,6 +215,22 @@ class CachedFeatureDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if getattr(self.wrapped, "length_grouping", False):
+            # the batches of the uncached run (grouped by token length), so that a cached
+            # run reproduces it exactly
+            lengths = lengths_of(self.wrapped.tokenized("train"))
+            if len(lengths) != len(self.dataset("train")):
+                raise RuntimeError(
+                    f"feature rows ({len(self.dataset('train'))}) do not match tokenized "
+                    f"rows ({len(lengths)}); run with data.length_grouping=false"
+                )
+            return grouped_loader(
+                self.dataset("train"),
+                lengths,
+                self.wrapped.batch_size,
+                self._collate(),
+                self.wrapped.num_workers,
+            )
         return self._loader("train", True, self.wrapped.batch_size)
 
     def val_dataloader(self) -> DataLoader:

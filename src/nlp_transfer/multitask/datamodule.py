@@ -10,7 +10,8 @@ the epoch and (after the first) the pass, sharded so that every DDP process read
 disjoint part of equal length. A task's first pass in an epoch is in the order of its
 single-task run (``DistributedSampler`` order, seed + epoch); every loader has a private
 ``torch.Generator``, so loading data never draws from the global RNG (dropout masks are
-those of the single-task run too: a one-task multitask run reproduces it exactly).
+those of the single-task run too: a one-task multitask run reproduces it exactly, when that run has
+``data.length_grouping=false``: a task's ``length_grouping`` is not applied here).
 
 DDP: the task sequence is computed independently, and identically, on every process
 (checked once per epoch), so all processes run the same task at every step and none waits
