@@ -2,13 +2,15 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/hf_vs_template.py --task conll2003 --max-train 2000
-    .venv/bin/python benchmarks/hf_vs_template.py --task sst2 --max-train 4000 \\
-        --template-variant "trainer=bf16" \\
-        --template-variant "trainer=bf16 data.length_grouping=true optimizer.fused=true"
-
-(the last variant needs ``data.length_grouping`` and clipping with fused optimizers wired
-into the template; see docs/benchmarks.md.)
+    .venv/bin/python benchmarks/hf_vs_template.py --task conll2003 --max-train 14041 \
+        --template-variant "trainer=bf16 data.length_grouping=false optimizer.fused=false" \
+        --template-variant "trainer=bf16"
+    .venv/bin/python benchmarks/hf_vs_template.py --task sst2 --max-train 8000
+    # frozen encoder: HF recomputes the encoder every epoch, the template reads its
+    # feature cache (filled by an untimed first run, as in a sweep's later jobs)
+    .venv/bin/python benchmarks/hf_vs_template.py --task sst2 --max-train 8000 --lr 1e-3 \
+        --hf-variant bf16_frozen --hf-variant bf16_grouped_frozen \
+        --template-variant "trainer=bf16 strategy=frozen features.cache=true"
 
 Every run (HF fp32, HF bf16 + length grouping, each ``--template-variant``) is a separate
 subprocess (the script re-invokes itself with ``--single``), so peak RSS is per run. Both
@@ -48,6 +50,8 @@ HF_VARIANTS = {
     "bf16": "HF bf16",
     "bf16_grouped": "HF bf16+group_by_length",
     "fp32_grouped": "HF fp32+group_by_length",
+    "bf16_frozen": "HF bf16, frozen encoder",
+    "bf16_grouped_frozen": "HF bf16+group_by_length, frozen encoder",
 }
 DEFAULT_HF = ["fp32", "bf16_grouped"]
 
@@ -86,9 +90,10 @@ class StepTimer(Callback):
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
         self._mark("data")
-        mask = batch["attention_mask"]
-        self.real_tokens += int(mask.sum())
-        self.padded_tokens += int(mask.numel())
+        mask = batch.get("attention_mask")
+        if mask is not None:  # cached features carry no tokens: counted after the run
+            self.real_tokens += int(mask.sum())
+            self.padded_tokens += int(mask.numel())
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         self._mark("forward")
@@ -248,7 +253,11 @@ def run_hf(variant: str, args: argparse.Namespace, workdir: Path) -> dict[str, A
         id2label=dict(enumerate(labels)),
         label2id=label2id,
     )
-    grouped = variant.endswith("_grouped")
+    frozen = variant.endswith("_frozen")
+    if frozen:  # feature extraction: only the classifier on top of the encoder trains
+        for p in model.base_model.parameters():
+            p.requires_grad_(False)
+    grouped = variant.removesuffix("_frozen").endswith("_grouped")
     kw: dict[str, Any] = {}
     fields = TrainingArguments.__dataclass_fields__
     if "group_by_length" in fields:  # transformers < 5
@@ -296,6 +305,12 @@ def run_hf(variant: str, args: argparse.Namespace, workdir: Path) -> dict[str, A
         callbacks=[Marks()],
     )
     out = trainer.train()
+    # Trainer's eval sampler is length-grouped too when training is (transformers 5), so
+    # predict() would return the rows permuted; predictions must come back in order
+    if "group_by_length" in fields:
+        trainer.args.group_by_length = False
+    else:
+        trainer.args.train_sampling_strategy = "random"
     pred = trainer.predict(eval_ds)
     logits = pred.predictions
     if ner:
@@ -316,6 +331,7 @@ def run_hf(variant: str, args: argparse.Namespace, workdir: Path) -> dict[str, A
         "params": sum(p.numel() for p in model.parameters()),
         "params_nonembedding": nonembedding_params(model),
         "optimizer": f"{targs.optim} {_optimizer_flags(trainer.optimizer)}",
+        "frozen": frozen,
     }
 
 
@@ -383,7 +399,7 @@ def template_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def compose_train_config(overrides: list[str], workdir: Path) -> Any:
+def compose_train_config(overrides: list[str], workdir: Path, run: str = "run") -> Any:
     """Compose ``conf/train.yaml`` like the CLI, with output and caches under ``workdir``."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -397,7 +413,7 @@ def compose_train_config(overrides: list[str], workdir: Path) -> Any:
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
-        cfg.paths.output_dir = str(workdir / "run")
+        cfg.paths.output_dir = str(workdir / run)
         cfg.paths.cache_dir = str(workdir / "cache")  # fresh: tokenization is not reused
     GlobalHydra.instance().clear()
     return cfg
@@ -408,7 +424,11 @@ def run_template(variant: str, args: argparse.Namespace, workdir: Path) -> dict[
     import nlp_transfer.train as train_module
 
     own = [t for t in shlex.split(variant) if not t.startswith("env:")]
-    cfg = compose_train_config([*template_overrides(args), *own], workdir)
+    overrides = [*template_overrides(args), *own]
+    if "features.cache=true" in own:
+        # measure training "once the feature cache exists": a first, untimed run fills it
+        train_module.train(compose_train_config(overrides, workdir, "warmup"))
+    cfg = compose_train_config(overrides, workdir)
     timer = StepTimer()
     build = train_module.build_callbacks
     train_module.build_callbacks = lambda c: [*build(c), timer]
@@ -418,8 +438,14 @@ def run_template(variant: str, args: argparse.Namespace, workdir: Path) -> dict[
         train_module.build_callbacks = build
     module, datamodule = objects["module"], objects["datamodule"]
     key = "val/f1" if args.task == "conll2003" else "val/acc"
+    summary = timer.summary()
+    if summary["real_tokens"] == 0:  # feature cache: the tokens the encoder once read
+        from nlp_transfer.data.sampler import lengths_of
+
+        tokens = sum(lengths_of(datamodule.tokenized("train"))) * args.epochs
+        summary.update(real_tokens=tokens, padded_tokens=tokens)
     return {
-        **timer.summary(),
+        **summary,
         "examples": len(datamodule.examples["train"]),
         "metric_name": key,
         "metric": float(metrics[key]),
@@ -427,6 +453,7 @@ def run_template(variant: str, args: argparse.Namespace, workdir: Path) -> dict[
         "params_nonembedding": nonembedding_params(module),
         "optimizer": _optimizer_flags(objects["trainer"].optimizers[0]),
         "precision": str(cfg.trainer.precision),
+        "frozen": bool(module.frozen_encoder),
     }
 
 
@@ -551,8 +578,8 @@ def table(rows: list[dict[str, Any]], peak: dict[str, Any] | None, epochs: int) 
         pad = 1 - r["real_tokens"] / max(r["padded_tokens"], 1)
         mfu = (
             f"{100 * 6 * r['params_nonembedding'] * tps / (peak['bf16_gflops'] * 1e9):.1f} %"
-            if peak
-            else "n/a"
+            if peak and not r.get("frozen")
+            else "n/a"  # 6·N·T counts a full backward pass, which a frozen encoder skips
         )
         speed = f"{best['train_s'] / r['train_s']:.2f}x" if best else "n/a"
         lines.append(
@@ -586,7 +613,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--template-variant",
         action="append",
         help="space-separated Hydra overrides of one template run (repeatable; "
-        '"env:NAME=VALUE" tokens set environment variables of that run); default "trainer=bf16"',
+        '"env:NAME=VALUE" tokens set environment variables of that run); default "trainer=bf16"; "none": no template run',
     )
     p.add_argument(
         "--repeat",
@@ -623,7 +650,7 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.result_file).write_text(json.dumps(result, indent=2))
         return
     hf_variants = args.hf_variant if args.hf_variant is not None else DEFAULT_HF
-    template_variants = args.template_variant or ["trainer=bf16"]
+    template_variants = [v for v in args.template_variant or ["trainer=bf16"] if v != "none"]
     specs: list[dict[str, Any]] = [
         {"kind": "hf", "variant": v, "label": HF_VARIANTS[v]} for v in hf_variants if v != "none"
     ]
