@@ -110,3 +110,18 @@ def test_compiled_encoder_trains_and_keeps_parameter_names(make_cfg) -> None:
     assert metrics["global_steps"] == 4
     names = list(objects["module"].state_dict())
     assert names and not any("_orig_mod" in n for n in names)
+
+
+def test_finite_loss_checked_every_step_on_cpu_every_log_interval_elsewhere() -> None:
+    from nlp_transfer.module import TransferModule
+
+    module = TransferModule.__new__(TransferModule)
+    LightningModule.__init__(module)
+    module.check_finite_loss = True
+    cpu, meta = torch.zeros(()), torch.zeros((), device="meta")
+    for step, on_meta in ((0, True), (49, False), (50, True), (51, False)):
+        module._trainer = SimpleNamespace(global_step=step, log_every_n_steps=50)  # type: ignore[assignment]
+        assert module.checks_finite_loss_now(cpu)
+        assert module.checks_finite_loss_now(meta) is on_meta
+    module.check_finite_loss = False
+    assert not module.checks_finite_loss_now(cpu)

@@ -227,7 +227,7 @@ class TransferModule(LightningModule):
             self.log("train/aux_weight", weight, on_step=True, on_epoch=False)
             if weight > 0:
                 loss = loss + weight * self.aux_losses(hidden, batch, "train")
-        if self.check_finite_loss and not torch.isfinite(loss):
+        if self.checks_finite_loss_now(loss) and not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at global step {self.global_step} "
                 f"(epoch {self.current_epoch}, batch {batch_idx}). Lower optimizer.lr, keep "
@@ -242,6 +242,16 @@ class TransferModule(LightningModule):
             batch_size=batch["labels"].shape[0],
         )
         return loss
+
+    def checks_finite_loss_now(self, loss: torch.Tensor) -> bool:
+        """Whether to check the training loss at this step: every step on the CPU (free),
+        every ``trainer.log_every_n_steps`` on accelerators, where reading the loss on the
+        host stalls the device queue (the logger synchronises at those steps anyway)."""
+        if not self.check_finite_loss:
+            return False
+        if loss.device.type == "cpu" or self._trainer is None:
+            return True
+        return self.global_step % max(1, int(self.trainer.log_every_n_steps or 1)) == 0
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         hidden, feats, mask = self.encode_all(batch)

@@ -265,7 +265,7 @@ class MultiTaskModule(TransferModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         task, task_loss = self.task_loss(batch)
         loss = task_loss * self.tasks[task].loss_weight
-        if self.check_finite_loss and not torch.isfinite(loss):
+        if self.checks_finite_loss_now(loss) and not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"training loss of task {task!r} is {loss.item()} at global step "
                 f"{self.global_step} (epoch {self.current_epoch}, batch {batch_idx}). Lower "
