@@ -138,3 +138,35 @@ def test_encoders_do_not_trust_remote_code_by_default() -> None:
         conf = yaml.safe_load(path.read_text())
         if conf.get("_target_", "").endswith("TransformerEncoder"):
             assert conf.get("trust_remote_code", False) is False, path.name
+
+
+def test_eval_predict_export_take_trust_remote_code_from_config(
+    trained: dict[str, Any], tmp_path: Path, make_cfg
+) -> None:
+    from nlp_transfer.eval import evaluate
+    from nlp_transfer.export import export
+    from nlp_transfer.predict import predict
+
+    def needs_remote_code(meta: dict[str, Any]) -> None:
+        meta["config"]["encoder"]["trust_remote_code"] = True
+
+    ckpt = _variant(trained["best"], tmp_path / "remote.ckpt", needs_remote_code)
+    texts = tmp_path / "in.txt"
+    texts.write_text("a fine film\n")
+    entry_points = [
+        (
+            evaluate,
+            "eval",
+            ["split=validation", "trainer=cpu", "trainer.enable_progress_bar=false"],
+        ),
+        (predict, "predict", [f"input={texts}"]),
+        (export, "export", []),
+    ]
+    for i, (entry, name, extra) in enumerate(entry_points):
+        refused = make_cfg(f"ckpt_path={ckpt}", *extra, name=name, run=f"{name}_refused")
+        with pytest.raises(CheckpointError, match="trust_remote_code"):
+            entry(refused)
+        allowed = make_cfg(
+            f"ckpt_path={ckpt}", "trust_remote_code=true", *extra, name=name, run=f"{name}_{i}"
+        )
+        assert entry(allowed)

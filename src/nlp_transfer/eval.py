@@ -38,7 +38,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         overrides.update(
             data_dir=str(cfg.data_dir), train_file=None, validation_file=None, test_file=None
         )
-    module, datamodule = restore(run, overrides)
+    module, datamodule = restore(
+        run, overrides, trust_remote_code=bool(cfg.get("trust_remote_code", False))
+    )
     datamodule.load_examples()
     trainer = hydra.utils.instantiate(
         cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False

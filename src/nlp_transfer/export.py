@@ -163,7 +163,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     out_dir = (
         Path(cfg.output_dir) if cfg.get("output_dir") else Path(cfg.paths.output_dir) / "export"
     )
-    module, datamodule = restore(run)
+    module, datamodule = restore(run, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     texts = sample_texts(datamodule) if cfg.get("verify", True) else []
     reference = _predictions(module, datamodule, texts) if texts else None
     export_module(module, out_dir)

@@ -153,7 +153,7 @@ def predict(cfg: DictConfig) -> Path:
     )
     guard_new_output(out_path, "prediction file")
     run = read_checkpoint(cfg.ckpt_path)
-    module, datamodule = restore(run)
+    module, datamodule = restore(run, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     text_field = cfg.get("text_field", "text")
     if run.task == "sequence_labeling":
         items = read_word_inputs(str(cfg.input), text_field)
