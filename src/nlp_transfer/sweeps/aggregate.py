@@ -418,6 +418,21 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _group_table(summary: pd.DataFrame, axes: Sequence[str], metrics: Sequence[str]) -> list[str]:
+    """Markdown rows: one per group, mean ± std of each of ``metrics``."""
+    show_pending = bool(len(summary)) and bool(summary["running_or_missing"].sum())
+    header = [*axes, "n", "failed", *(["running/missing"] if show_pending else []), *metrics]
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |"]
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    for _, row in summary.iterrows():
+        cells = [*(row[a] for a in axes), int(row["n"]), int(row["failed"])]
+        if show_pending:
+            cells.append(int(row["running_or_missing"]))
+        cells += [_mean_std(row[f"{m} mean"], row[f"{m} std"]) for m in metrics]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return lines
+
+
 def render_markdown(
     summary: pd.DataFrame,
     results: pd.DataFrame,
@@ -443,16 +458,13 @@ def render_markdown(
         f"those with `{primary_metric}`.",
         "",
     ]
-    show_pending = bool(len(summary)) and bool(summary["running_or_missing"].sum())
-    header = [*axes, "n", "failed", *(["running/missing"] if show_pending else []), *metrics]
-    lines.append("| " + " | ".join(_cell(h) for h in header) + " |")
-    lines.append("|" + "|".join("---" for _ in header) + "|")
-    for _, row in summary.iterrows():
-        cells = [*(row[a] for a in axes), int(row["n"]), int(row["failed"])]
-        if show_pending:
-            cells.append(int(row["running_or_missing"]))
-        cells += [_mean_std(row[f"{m} mean"], row[f"{m} std"]) for m in metrics]
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    # headline table: overall metrics only (per-class/per-type ones, e.g. val/f1/LOC,
+    # follow in a second table when there are any)
+    headline = [m for m in metrics if m.count("/") <= 1 or m == primary_metric]
+    lines += _group_table(summary, axes, headline)
+    if len(headline) < len(metrics):
+        lines += ["", "## All metrics", ""]
+        lines += _group_table(summary, axes, metrics)
     failed = results[results["status"] == FAILED]
     if len(failed):
         lines += ["", f"## Failed jobs ({len(failed)})", ""]
