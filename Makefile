@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install train eval predict export test test-full lint format clean clean-logs clean-cache demo-data
+.PHONY: bench help install train eval predict export test test-full lint format clean clean-logs clean-cache demo-data
 
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -41,6 +41,15 @@ test: install  ## fast tests (under ~10 minutes on 2 CPU cores)
 
 test-full: install  ## every test, including slow ones (real MiniLM, real data, DDP)
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+bench: install  ## HF Trainer vs template: CoNLL-2003 full, SST-2, frozen (~25 min, 2 CPU cores)
+	$(PY) benchmarks/hf_vs_template.py --task conll2003 --max-train 14041 --omp-wait-policy default \
+		--template-variant "trainer=bf16 data.length_grouping=false optimizer.fused=false" \
+		--template-variant "trainer=bf16"
+	$(PY) benchmarks/hf_vs_template.py --task sst2 --max-train 8000 --omp-wait-policy default
+	$(PY) benchmarks/hf_vs_template.py --task sst2 --max-train 8000 --lr 1e-3 \
+		--omp-wait-policy default --hf-variant bf16_frozen --hf-variant bf16_grouped_frozen \
+		--template-variant "trainer=bf16 strategy=frozen features.cache=true"
 
 lint: install  ## ruff lint + format check
 	$(VENV)/bin/ruff check src tests benchmarks scripts
