@@ -125,3 +125,27 @@ def test_finite_loss_checked_every_step_on_cpu_every_log_interval_elsewhere() ->
         assert module.checks_finite_loss_now(meta) is on_meta
     module.check_finite_loss = False
     assert not module.checks_finite_loss_now(cpu)
+
+
+class RecordBatches(Callback):
+    """Input ids of the first training batch of every epoch."""
+
+    firsts: ClassVar[list[torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
+        if idx == 0:
+            RecordBatches.firsts.append(batch["input_ids"].clone())
+
+
+def test_overfit_batches_sees_the_same_grouped_batches_every_epoch(make_cfg) -> None:
+    RecordBatches.firsts.clear()
+    cfg = make_cfg(
+        "debug=overfit",
+        "trainer.max_epochs=3",
+        "data.length_grouping=true",
+        "+callbacks.record._target_=tests.test_speed_options.RecordBatches",
+    )
+    train(cfg)
+    first, *later = RecordBatches.firsts
+    assert len(later) == 2
+    assert all(torch.equal(first, other) for other in later)

@@ -265,7 +265,12 @@ class TransferDataModule(LightningDataModule):
     def _grouped_loader(self, split: str, batch_size: int) -> DataLoader:
         dataset = self.tokenized(split)
         return grouped_loader(
-            dataset, lengths_of(dataset), batch_size, self.collate, self.num_workers
+            dataset,
+            lengths_of(dataset),
+            batch_size,
+            self.collate,
+            self.num_workers,
+            shuffle=not overfitting(self),
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -281,16 +286,31 @@ class TransferDataModule(LightningDataModule):
         return {"labels": self.labels, "task": self.task}
 
 
+def overfitting(datamodule: LightningDataModule) -> bool:
+    """Whether the attached trainer overfits a few batches (``trainer.overfit_batches``)."""
+    trainer = getattr(datamodule, "trainer", None)
+    return bool(trainer is not None and trainer.overfit_batches)
+
+
 def grouped_loader(
-    dataset: Any, lengths: Sequence[int], batch_size: int, collate: Collate, num_workers: int = 0
+    dataset: Any,
+    lengths: Sequence[int],
+    batch_size: int,
+    collate: Collate,
+    num_workers: int = 0,
+    shuffle: bool = True,
 ) -> DataLoader:
     """Batches of similar-length examples in a seeded random order (less padding); DDP-aware
     and resumable mid-epoch (see :mod:`nlp_transfer.data.sampler`). The seed defaults to the
     run's (``PL_GLOBAL_SEED``); :class:`~nlp_transfer.training.loop_state.ResumeState` sets
-    it to the seed it keeps in checkpoints."""
+    it to the seed it keeps in checkpoints. ``shuffle=False`` gives the same batches every
+    epoch: used under ``trainer.overfit_batches``, where Lightning turns plain shuffling off
+    but cannot reach into a batch sampler."""
     return DataLoader(
         dataset,
-        batch_sampler=LengthGroupedBatchSampler(lengths=lengths, batch_size=batch_size),
+        batch_sampler=LengthGroupedBatchSampler(
+            lengths=lengths, batch_size=batch_size, shuffle=shuffle
+        ),
         collate_fn=collate,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from nlp_transfer.data.base import TransferDataModule, grouped_loader
+from nlp_transfer.data.base import TransferDataModule, grouped_loader, overfitting
 from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.data.sampler import lengths_of
 from nlp_transfer.encoders.base import Encoder
@@ -230,6 +230,7 @@ class CachedFeatureDataModule(LightningDataModule):
                 self.wrapped.batch_size,
                 self._collate(),
                 self.wrapped.num_workers,
+                shuffle=not overfitting(self),
             )
         return self._loader("train", True, self.wrapped.batch_size)
 
