@@ -20,7 +20,12 @@ from nlp_transfer.builders import build_encoder
 from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.multitask.datamodule import MultiTaskDataModule
 from nlp_transfer.multitask.module import MultiTaskModule
-from nlp_transfer.multitask.sampling import ShardSampler, task_probabilities, task_schedule
+from nlp_transfer.multitask.sampling import (
+    GroupedShardSampler,
+    ShardSampler,
+    task_probabilities,
+    task_schedule,
+)
 from nlp_transfer.multitask.train import build_multitask_datamodule, build_multitask_module
 from nlp_transfer.train import train
 from nlp_transfer.utils.resolvers import PROJECT_ROOT
@@ -90,6 +95,50 @@ def test_shard_sampler_splits_a_task_between_processes() -> None:
     assert parts[0] == (reference + reference[:1])[0::3]
     shards[0].set_pass(epoch=2, pass_index=1)
     assert list(shards[0]) != parts[0]  # a second pass within the epoch: a new order
+
+
+def test_grouped_shard_sampler_splits_batches_and_reseeds_each_pass() -> None:
+    lengths = [3, 9, 4, 8, 5, 7, 6, 2, 10, 1, 11]
+    shards = [GroupedShardSampler(lengths, 2, rank, 3, seed=5) for rank in range(3)]
+    plain = ShardSampler(len(lengths), 0, 3, seed=5)
+    for s in shards:
+        s.set_pass(epoch=2, pass_index=0)
+    parts = [list(s) for s in shards]
+    assert [len(p) for p in parts] == [len(s) for s in shards] == [2, 2, 2]
+    assert len(shards[0]) == -(-len(plain) // 2)  # as many batches as the plain shard
+    seen = [i for p in parts for batch in p for i in batch]
+    assert sorted(set(seen)) == list(range(len(lengths)))
+    for step in zip(*parts):  # every step: examples of similar length on all processes
+        sizes = [lengths[i] for batch in step for i in batch]
+        assert max(sizes) - min(sizes) <= len(sizes)
+    again = GroupedShardSampler(lengths, 2, 0, 3, seed=5)
+    again.set_pass(epoch=2, pass_index=0)
+    assert list(again) == parts[0]  # deterministic per (seed, task, epoch, pass)
+    orders = set()
+    for pass_index in range(6):
+        shards[0].set_pass(epoch=2, pass_index=pass_index)
+        orders.add(tuple(map(tuple, shards[0])))
+    assert len(orders) > 1  # later passes draw other batches
+
+
+def test_multitask_uses_grouped_batches_per_task(make_cfg: MakeCfg) -> None:
+    dm = _datamodule(make_cfg("experiment=multitask_demo", *SMALL))
+    loader = dm.train_dataloader()
+    assert all(isinstance(s, GroupedShardSampler) for s in loader.shard_samplers.values())
+    batches = list(loader)
+    assert len(batches) == len(loader)
+    plain = _datamodule(
+        make_cfg(
+            "experiment=multitask_demo",
+            *SMALL,
+            "tasks.sentiment.data.length_grouping=false",
+            "tasks.ner.data.length_grouping=false",
+            run="plain",
+        )
+    )
+    assert [len(dl) for dl in plain.train_dataloader().loaders.values()] == [
+        len(dl) for dl in loader.loaders.values()
+    ]
 
 
 # -- datamodule and DDP policy (no processes) -------------------------------------------------
@@ -202,11 +251,12 @@ def test_one_task_run_equals_the_single_task_run(
         "trainer.max_epochs=2",
         "optimizer.lr=1e-3",
         "data.max_train_examples=64",
-        "data.length_grouping=false",  # multitask runs shuffle each task plainly
+        "data.length_grouping=false",
     ]
     ref, _ = train(make_cfg(*common, *single, run="single"))
     slice_ = [
         f"tasks.{task}.data.max_train_examples=64",
+        f"tasks.{task}.data.length_grouping=false",
         "trainer.max_epochs=2",
         "optimizer.lr=1e-3",
     ]

@@ -10,8 +10,10 @@ the epoch and (after the first) the pass, sharded so that every DDP process read
 disjoint part of equal length. A task's first pass in an epoch is in the order of its
 single-task run (``DistributedSampler`` order, seed + epoch); every loader has a private
 ``torch.Generator``, so loading data never draws from the global RNG (dropout masks are
-those of the single-task run too: a one-task multitask run reproduces it exactly, when that run has
-``data.length_grouping=false``: a task's ``length_grouping`` is not applied here).
+those of the single-task run too: a one-task multitask run reproduces it exactly, with
+``data.length_grouping=false``). A task with ``data.length_grouping=true`` (the default)
+gets length-grouped batches instead (:class:`GroupedShardSampler`), sharded and seeded the
+same way.
 
 DDP: the task sequence is computed independently, and identically, on every process
 (checked once per epoch), so all processes run the same task at every step and none waits
@@ -35,7 +37,9 @@ from torch.utils.data import DataLoader
 
 from nlp_transfer.data.base import Collate, TransferDataModule
 from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.data.sampler import lengths_of
 from nlp_transfer.multitask.sampling import (
+    GroupedShardSampler,
     ShardSampler,
     check_policy,
     task_probabilities,
@@ -128,7 +132,7 @@ class MultiTaskLoader:
         self,
         loaders: dict[str, DataLoader],
         scheduler: TaskScheduler,
-        shard_samplers: dict[str, ShardSampler],
+        shard_samplers: dict[str, ShardSampler | GroupedShardSampler],
     ) -> None:
         if list(loaders) != scheduler.names:
             raise ValueError(f"loaders {list(loaders)} do not match tasks {scheduler.names}")
@@ -260,13 +264,20 @@ class MultiTaskDataModule(LightningDataModule):
     def train_dataloader(self) -> MultiTaskLoader:
         rank, world = self._process()
         loaders: dict[str, DataLoader] = {}
-        shards: dict[str, ShardSampler] = {}
+        shards: dict[str, ShardSampler | GroupedShardSampler] = {}
         for index, (name, dm) in enumerate(self.tasks.items()):
             ds = dm.tokenized("train")
-            shards[name] = ShardSampler(len(ds), rank, world, self.seed, index)
-            loaders[name] = DataLoader(
-                ds, batch_size=dm.batch_size, sampler=shards[name], **self._loader_kwargs(name, dm)
-            )
+            kwargs = self._loader_kwargs(name, dm)
+            if getattr(dm, "length_grouping", False):
+                grouped = GroupedShardSampler(
+                    lengths_of(ds), dm.batch_size, rank, world, self.seed, index
+                )
+                shards[name] = grouped
+                loaders[name] = DataLoader(ds, batch_sampler=grouped, **kwargs)
+            else:
+                plain = ShardSampler(len(ds), rank, world, self.seed, index)
+                shards[name] = plain
+                loaders[name] = DataLoader(ds, batch_size=dm.batch_size, sampler=plain, **kwargs)
         self.scheduler = TaskScheduler(
             list(self.tasks),
             self.train_sizes(),

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Sampler
 
 from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.data.sampler import LengthGroupedBatchSampler
 
 POLICIES = ("proportional", "temperature", "round_robin")
 
@@ -79,6 +80,34 @@ def pass_seed(seed: int, task_index: int, epoch: int, pass_index: int) -> int:
         return int(seed) + int(epoch)
     mixed = np.random.SeedSequence([int(seed), int(task_index), int(epoch), int(pass_index)])
     return int(mixed.generate_state(1)[0])
+
+
+class GroupedShardSampler(LengthGroupedBatchSampler):
+    """Length-grouped batches of one task (``data.length_grouping``), sharded across DDP
+    processes like :class:`ShardSampler`, in an order seeded by :func:`pass_seed`.
+
+    A batch sampler: every process gets the same number of batches as with
+    :class:`ShardSampler` and the same batch size.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        task_index: int = 0,
+    ) -> None:
+        super().__init__(
+            lengths=lengths, batch_size=batch_size, num_replicas=world_size, rank=rank, seed=seed
+        )
+        self.base_seed, self.task_index = int(seed), int(task_index)
+
+    def set_pass(self, epoch: int, pass_index: int) -> None:
+        """Choose the batches for pass ``pass_index`` over the task within ``epoch``."""
+        self.seed = pass_seed(self.base_seed, self.task_index, epoch, pass_index)
+        self.set_epoch(0)
 
 
 class ShardSampler(Sampler[int]):
