@@ -42,7 +42,7 @@ test: install  ## fast tests (under ~10 minutes on 2 CPU cores)
 test-full: install  ## every test, including slow ones (real MiniLM, real data, DDP)
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
-bench: install  ## HF Trainer vs template: CoNLL-2003 full, SST-2, frozen (~25 min, 2 CPU cores)
+bench: install  ## HF Trainer vs template: CoNLL-2003 full, SST-2, frozen (~20 min on 2 CPU cores)
 	$(PY) benchmarks/hf_vs_template.py --task conll2003 --max-train 14041 --omp-wait-policy default \
 		--template-variant "trainer=bf16 data.length_grouping=false optimizer.fused=false" \
 		--template-variant "trainer=bf16"
