@@ -221,3 +221,12 @@ def test_sklearn_head_ner_metrics_equal_seqeval(make_cfg) -> None:
         assert metrics[f"{stage}/recall"] == pytest.approx(recall_score(gold, pred), abs=1e-6)
     assert metrics["task"] == "sequence_labeling"
     assert Path(metrics["best_checkpoint"]).name == "model.joblib"
+
+
+def test_sklearn_head_refuses_a_training_checkpoint(make_cfg, tmp_path) -> None:
+    from nlp_transfer.data.errors import ConfigError
+    from nlp_transfer.train import train
+
+    cfg = make_cfg("head=logreg", f"ckpt_path={tmp_path / 'some.ckpt'}")
+    with pytest.raises(ConfigError, match="cannot start from a training checkpoint"):
+        train(cfg)

@@ -172,6 +172,14 @@ def train_sklearn(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit ``head.estimator`` on frozen features, score val/test, save the model (joblib)
     and ``metrics.json``; returns ``(metrics, objects)`` like :func:`nlp_transfer.train.train`."""
     out_dir = Path(cfg.paths.output_dir)
+    if cfg.get("ckpt_path"):
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: sklearn heads (head.kind=sklearn) "
+            "are fitted in one pass on frozen features and cannot start from a training "
+            "checkpoint; drop ckpt_path"
+        )
+    if cfg.get("resume") not in (None, False, ""):
+        log.info("sklearn head: one-pass fit, nothing to resume; fitting from the start")
     if (out_dir / "metrics.json").exists():
         raise OutputExistsError(
             f"{out_dir} already holds metrics.json of another run; nothing was overwritten. "
