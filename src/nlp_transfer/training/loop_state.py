@@ -6,12 +6,11 @@ loader draws a fresh permutation from the global RNG on resume and then serves t
 ``len - done`` batches of it, so some examples are seen twice and others not at all. It
 does not restore the global RNG either (dropout masks differ after a resume).
 
-:class:`ResumeState` fixes both. ``ResumeState.attach(datamodule)`` makes a plainly
-shuffled training loader use a :class:`ResumableSampler` (a permutation seeded by
-``(seed, epoch)``, split over DDP ranks like ``DistributedSampler``), keeps a
-length-grouped batch sampler (the default) but seeds and positions it the same way, and
-gives every loader a private ``torch.Generator``, so that loaders never consume the global
-RNG. The callback's state in
+:class:`ResumeState` fixes both. ``ResumeState.attach(datamodule)`` makes a plainly shuffled
+training loader use a :class:`ResumableSampler` (a permutation seeded by ``(seed, epoch)``,
+split over DDP ranks like ``DistributedSampler``), keeps a length-grouped batch sampler (the
+default) but seeds and positions it the same way, and gives every loader a private
+``torch.Generator``, so that loaders never consume the global RNG. The callback's state in
 each checkpoint holds the sampler seed, the epoch, the number of batches already trained in
 it and the torch/numpy/python(/CUDA) RNG states, all as plain types (``weights_only`` loads
 them). On resume the sampler skips exactly the batches already trained and the RNG states
