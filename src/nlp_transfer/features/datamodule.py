@@ -218,14 +218,15 @@ class CachedFeatureDataModule(LightningDataModule):
         if getattr(self.wrapped, "length_grouping", False):
             # the batches of the uncached run (grouped by token length), so that a cached
             # run reproduces it exactly
+            dataset = self.dataset("train")
             lengths = lengths_of(self.wrapped.tokenized("train"))
-            if len(lengths) != len(self.dataset("train")):
+            if len(lengths) != len(dataset):
                 raise RuntimeError(
-                    f"feature rows ({len(self.dataset('train'))}) do not match tokenized "
-                    f"rows ({len(lengths)}); run with data.length_grouping=false"
+                    f"feature rows ({len(dataset)}) do not match tokenized rows "
+                    f"({len(lengths)}); run with data.length_grouping=false"
                 )
             return grouped_loader(
-                self.dataset("train"),
+                dataset,
                 lengths,
                 self.wrapped.batch_size,
                 self._collate(),

@@ -166,7 +166,6 @@ class ResumeState(Callback):
         self._trainer: Trainer | None = None
         self._pending_position: dict[str, int] | None = None
         self._pending_rng: dict[str, Any] | None = None
-        self.grouped = False
 
     # -- wiring -----------------------------------------------------------------------------
     def attach(self, datamodule: LightningDataModule) -> None:
@@ -193,7 +192,6 @@ class ResumeState(Callback):
             # seed and position are set in on_train_start / on_train_epoch_start, on the
             # batch sampler the trainer really iterates (under DDP Lightning rebuilds it
             # from its init args)
-            self.grouped = True
             return ResumableDataLoader(
                 loader.dataset,
                 batch_sampler=loader.batch_sampler,
@@ -222,13 +220,18 @@ class ResumeState(Callback):
             loader.generator = _private_generator(self.seed)
         return loader
 
-    def _apply_position(self, sampler: ResumableSampler, batch_size: int) -> None:
+    def _take_position(self) -> tuple[int, int]:
+        """The pending ``(epoch, batches done in it)`` to continue from (consumed)."""
         pos = self._pending_position
         assert pos is not None
         self._pending_position = None
         epoch, done, total = pos["epoch"], pos["batches_done"], pos["num_batches"]
         if total >= 0 and done >= total:  # the epoch was complete: start the next one
             epoch, done = epoch + 1, 0
+        return epoch, done
+
+    def _apply_position(self, sampler: ResumableSampler, batch_size: int) -> None:
+        epoch, done = self._take_position()
         sampler.resume_at(epoch, done * batch_size)
         log.info("resume: epoch %d continues after %d trained batches", epoch, done)
 
@@ -278,19 +281,13 @@ class ResumeState(Callback):
     def _prepare_grouped(self, trainer: Trainer) -> None:
         """Seed a length-grouped batch sampler and position it on resume (before the
         epoch's iterator exists: Lightning creates it after these hooks)."""
-        if not self.grouped:
-            return
         batch_sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
         if not isinstance(batch_sampler, LengthGroupedBatchSampler):
             return
         batch_sampler.seed = self.seed
-        pos = self._pending_position
-        if pos is None:
+        if self._pending_position is None:
             return
-        self._pending_position = None
-        epoch, done, total = pos["epoch"], pos["batches_done"], pos["num_batches"]
-        if total >= 0 and done >= total:
-            epoch, done = epoch + 1, 0
+        epoch, done = self._take_position()
         if epoch != trainer.current_epoch:
             log.warning(
                 "resume: the loop restarted at epoch %d, the checkpoint was taken in epoch %d; "
