@@ -380,6 +380,29 @@ def test_progress_checkpoint_needs_a_step_count(tmp_path: Path) -> None:
         ProgressCheckpoint(str(tmp_path), every_n_train_steps=0)
 
 
+def _cut_back_to(run: Path, step: int) -> None:
+    """Leave ``run`` as a kill after global step ``step`` would: no final files, no later
+    checkpoints."""
+    for name in ("metrics.json", "status.json"):
+        (run / name).unlink()
+    for ckpt in (run / "checkpoints").rglob("*.ckpt"):
+        if torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] > step:
+            ckpt.unlink()
+
+
+def _assert_same_result(kept: Path, run: Path, final: str) -> None:
+    """Same final metrics (but wall time) and bitwise equal weights in step checkpoint
+    ``final``."""
+    expected = json.loads((kept / "metrics.json").read_text())
+    got = json.loads((run / "metrics.json").read_text())
+    assert {k: v for k, v in got.items() if k != "train_wall_s"} == {
+        k: v for k, v in expected.items() if k != "train_wall_s"
+    }
+    want = torch.load(kept / "checkpoints" / "steps" / final, weights_only=True)["state_dict"]
+    have = torch.load(run / "checkpoints" / "steps" / final, weights_only=True)["state_dict"]
+    assert all(torch.equal(want[k], have[k]) for k in want)
+
+
 @pytest.mark.slow
 def test_ddp_resume_mid_epoch_is_exact(tmp_path: Path) -> None:
     """2 CPU processes (gloo): each rank's data shard and RNG state are restored."""
@@ -387,22 +410,9 @@ def test_ddp_resume_mid_epoch_is_exact(tmp_path: Path) -> None:
     cmd = _command(run, tmp_path / "cache", "trainer=ddp_sim", "trainer.max_epochs=2")
     _run(cmd)  # 200 examples per rank: 13 steps per epoch
     shutil.copytree(run, kept)
-    # the state a kill in the middle of epoch 2 leaves behind: nothing after step 15
-    for name in ("metrics.json", "status.json"):
-        (run / name).unlink()
-    for ckpt in (run / "checkpoints").rglob("*.ckpt"):
-        if torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] > 15:
-            ckpt.unlink()
+    _cut_back_to(run, 15)  # what a kill in the middle of epoch 2 leaves behind
     _run([*cmd, "resume=auto"])
-    expected = json.loads((kept / "metrics.json").read_text())
-    got = json.loads((run / "metrics.json").read_text())
-    assert {k: v for k, v in got.items() if k != "train_wall_s"} == {
-        k: v for k, v in expected.items() if k != "train_wall_s"
-    }
-    final = "step_00000026.ckpt"
-    want = torch.load(kept / "checkpoints" / "steps" / final, weights_only=True)["state_dict"]
-    have = torch.load(run / "checkpoints" / "steps" / final, weights_only=True)["state_dict"]
-    assert all(torch.equal(want[k], have[k]) for k in want)
+    _assert_same_result(kept, run, "step_00000026.ckpt")
 
 
 def test_continuing_with_other_settings_is_reported(caplog: pytest.LogCaptureFixture) -> None:
@@ -432,20 +442,8 @@ def test_resume_mid_epoch_is_exact_with_either_sampler(tmp_path: Path, grouping:
     )
     _run(cmd)
     shutil.copytree(run, kept)
-    for name in ("metrics.json", "status.json"):
-        (run / name).unlink()
-    for ckpt in (run / "checkpoints").rglob("*.ckpt"):
-        if torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] > 35:
-            ckpt.unlink()
+    _cut_back_to(run, 35)
     resumed = _run([*cmd, "resume=auto"])
     log = resumed.stderr + resumed.stdout + (run / "train.log").read_text(encoding="utf-8")
     assert "resume: epoch 1 continues after 10 trained batches" in log
-    expected = json.loads((kept / "metrics.json").read_text())
-    got = json.loads((run / "metrics.json").read_text())
-    assert {k: v for k, v in got.items() if k != "train_wall_s"} == {
-        k: v for k, v in expected.items() if k != "train_wall_s"
-    }
-    final = f"step_{2 * STEPS_PER_EPOCH:08d}.ckpt"
-    want = torch.load(kept / "checkpoints" / "steps" / final, weights_only=True)["state_dict"]
-    have = torch.load(run / "checkpoints" / "steps" / final, weights_only=True)["state_dict"]
-    assert all(torch.equal(want[k], have[k]) for k in want)
+    _assert_same_result(kept, run, f"step_{2 * STEPS_PER_EPOCH:08d}.ckpt")
