@@ -12,6 +12,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig
 
 from nlp_transfer.encoders.base import Encoder
+from nlp_transfer.encoders.fast_dropout import install_fast_dropout
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class TransformerEncoder(Encoder):
             values (tiny test encoders).
         random_init: build from config without loading weights.
         tokenizer_name_or_path: tokenizer location when it differs from the model's.
+        fast_dropout: draw CPU dropout masks from cheap random bits instead of per-element
+            Bernoulli samples (:mod:`nlp_transfer.encoders.fast_dropout`); same drop
+            probability, no effect on other devices or in evaluation.
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class TransformerEncoder(Encoder):
         config_overrides: dict[str, Any] | None = None,
         tokenizer_name_or_path: str | None = None,
         seed: int | None = None,
+        fast_dropout: bool = True,
     ) -> None:
         super().__init__()
         self.name_or_path = str(name_or_path)
@@ -98,6 +103,8 @@ class TransformerEncoder(Encoder):
             # BERT-style pooler: never used (heads pool hidden states themselves); removing
             # it keeps DDP from failing on parameters that get no gradient
             self.model.pooler = None
+        if fast_dropout:
+            install_fast_dropout(self.model)
         self.random_init = random_init
         self.config_overrides = dict(config_overrides or {})
         self.tokenizer = AutoTokenizer.from_pretrained(

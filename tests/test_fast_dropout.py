@@ -1,0 +1,125 @@
+"""Cheap CPU dropout masks: right probability and scaling, exact gradients, and encoders
+whose outputs match SDPA attention when no dropout is drawn."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from nlp_transfer.encoders.fast_dropout import (
+    ATTENTION_NAME,
+    FastDropout,
+    fast_dropout,
+    install_fast_dropout,
+    scaled_keep_mask,
+    uninstall_attention,
+)
+from nlp_transfer.encoders.transformer import TransformerEncoder, packaged_minilm_dir
+
+TINY = {
+    "num_hidden_layers": 2,
+    "hidden_size": 32,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_mask_drops_p_and_keeps_the_expectation(p: float) -> None:
+    torch.manual_seed(0)
+    mask = scaled_keep_mask((400, 1000), p, torch.float32, torch.device("cpu"))
+    dropped = (mask == 0).float().mean().item()
+    assert abs(dropped - p) < 0.005  # 400k draws: 5 standard deviations is < 0.004
+    values = mask.unique().tolist()
+    assert values[0] == 0.0 and values[1:] == [pytest.approx(1 / (1 - p))]
+    assert abs(mask.mean().item() - 1.0) < 0.02
+
+
+def test_mask_edges_and_dtype() -> None:
+    cpu = torch.device("cpu")
+    assert torch.equal(scaled_keep_mask((3, 4), 1e-7, torch.bfloat16, cpu), torch.ones(3, 4))
+    assert not scaled_keep_mask((3, 4), 1 - 1e-7, torch.float32, cpu).any()
+    assert scaled_keep_mask((5,), 0.3, torch.bfloat16, cpu).dtype == torch.bfloat16
+
+
+def test_same_seed_same_mask_and_gradient_is_the_mask() -> None:
+    x = torch.randn(6, 50, requires_grad=True)
+    torch.manual_seed(3)
+    y1 = fast_dropout(x, 0.25)
+    torch.manual_seed(3)
+    y2 = fast_dropout(x, 0.25)
+    assert torch.equal(y1, y2)
+    y1.sum().backward()
+    expected = torch.where(y1 == 0, 0.0, 1 / 0.75)
+    assert torch.allclose(x.grad, expected)
+    assert fast_dropout(x, 0.25, training=False) is x
+
+
+def test_module_is_identity_in_eval_and_random_in_train() -> None:
+    drop = FastDropout(0.5)
+    x = torch.ones(1000)
+    assert torch.equal(drop.eval()(x), x)
+    out = drop.train()(x)
+    assert 0.4 < (out == 0).float().mean().item() < 0.6
+
+
+def _tiny_model(dropout: float) -> TransformerEncoder:
+    overrides = dict(TINY, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    return TransformerEncoder(
+        packaged_minilm_dir(),
+        random_init=True,
+        seed=0,
+        config_overrides=overrides,
+        fast_dropout=False,
+    )
+
+
+def test_install_swaps_every_dropout_and_attention() -> None:
+    encoder = _tiny_model(0.1)
+    swapped = install_fast_dropout(encoder.model)
+    assert swapped == sum(isinstance(m, nn.Dropout) for m in encoder.model.modules())
+    assert not any(type(m) is nn.Dropout for m in encoder.model.modules())
+    assert encoder.model.config._attn_implementation == ATTENTION_NAME
+    uninstall_attention(encoder.model)
+    assert encoder.model.config._attn_implementation == "sdpa"
+
+
+def test_attention_math_path_matches_sdpa() -> None:
+    """A drop probability below 1/65536 draws no drops, so the written-out attention
+    (masking, softmax, values) must give SDPA's outputs, padding included."""
+    reference = _tiny_model(1e-7)
+    patched = copy.deepcopy(reference)
+    install_fast_dropout(patched.model)
+    ids = torch.randint(1000, 2000, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[2, 2:] = 0
+    reference.train()
+    patched.train()
+    expected = reference(ids, mask)
+    got = patched(ids, mask)
+    for e, g in zip(expected, got):
+        keep = mask.bool()
+        assert torch.allclose(e[keep], g[keep], atol=1e-5)
+
+
+def test_encoder_default_installs_and_training_differs_per_seed() -> None:
+    encoder = TransformerEncoder(
+        packaged_minilm_dir(), random_init=True, seed=0, config_overrides=TINY
+    )
+    assert encoder.model.config._attn_implementation == ATTENTION_NAME
+    ids = torch.randint(1000, 2000, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    encoder.eval()
+    assert torch.equal(encoder(ids, mask)[-1], encoder(ids, mask)[-1])
+    encoder.train()
+    torch.manual_seed(1)
+    a = encoder(ids, mask)[-1]
+    torch.manual_seed(1)
+    b = encoder(ids, mask)[-1]
+    torch.manual_seed(2)
+    c = encoder(ids, mask)[-1]
+    assert torch.equal(a, b) and not torch.equal(a, c)
