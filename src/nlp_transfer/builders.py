@@ -94,6 +94,7 @@ def build_module(cfg: DictConfig, encoder: Encoder, labels: list[str], task: str
         log_grad_norm=bool(model_cfg.get("log_grad_norm", False)),
         check_finite_loss=bool(model_cfg.get("check_finite_loss", True)),
         compile_encoder=bool(model_cfg.get("compile", False)),
+        embedding_grad_buffer=bool(model_cfg.get("embedding_grad_buffer", True)),
         run_config=plain_config(cfg),
     )
 

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-from pytorch_lightning import LightningModule
+from pytorch_lightning import Callback, LightningModule
 from torch import nn
 
 from nlp_transfer.data.alignment import merge_window_predictions
@@ -22,6 +22,7 @@ from nlp_transfer.encoders.base import Encoder
 from nlp_transfer.metrics.classification import PerClassReport, classification_metrics
 from nlp_transfer.metrics.entity import EntityF1
 from nlp_transfer.strategies.base import TrainableSpec, TransferStrategy
+from nlp_transfer.training.embedding_grad import EmbeddingGradBuffer
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class TransferModule(LightningModule):
             eval/predict/export can rebuild the model.
         compile_encoder: ``torch.compile`` the encoder (dynamic shapes), after the strategy
             has set it up.
+        embedding_grad_buffer: vocabulary embeddings add their gradient into one reused
+            buffer (:class:`EmbeddingGradBuffer`, single-process runs, not compiled).
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class TransferModule(LightningModule):
         check_finite_loss: bool = True,
         run_config: dict[str, Any] | None = None,
         compile_encoder: bool = False,
+        embedding_grad_buffer: bool = True,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -96,6 +100,7 @@ class TransferModule(LightningModule):
         self.scheduler_factory = scheduler
         self.log_grad_norm = log_grad_norm
         self.check_finite_loss = check_finite_loss
+        self.embedding_grad_buffer = embedding_grad_buffer and not compile_encoder
         self.run_config = run_config or {}
         self.strategy = strategy
         self._build_metrics()
@@ -407,6 +412,10 @@ class TransferModule(LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def configure_callbacks(self) -> list[Callback]:
+        # model-owned: a speed setting that must not vanish with callbacks=none
+        return [EmbeddingGradBuffer()] if self.embedding_grad_buffer else []
 
     def configure_gradient_clipping(
         self,

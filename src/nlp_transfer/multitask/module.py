@@ -116,7 +116,8 @@ class MultiTaskModule(TransferModule):
         private_adapters: LoRA settings ``{r, alpha, dropout, target_modules, bias}`` for
             one private adapter per task (see :mod:`nlp_transfer.multitask.adapters`),
             or ``None``.
-        log_grad_norm / check_finite_loss / run_config: as for :class:`TransferModule`.
+        log_grad_norm / check_finite_loss / embedding_grad_buffer / run_config: as for
+            :class:`TransferModule`.
     """
 
     def __init__(
@@ -132,6 +133,7 @@ class MultiTaskModule(TransferModule):
         log_grad_norm: bool = False,
         check_finite_loss: bool = True,
         run_config: dict[str, Any] | None = None,
+        embedding_grad_buffer: bool = True,
     ) -> None:
         # TransferModule.__init__ builds a single head; the same pieces are built here,
         # in the same order (a one-task model draws the same random init)
@@ -188,6 +190,7 @@ class MultiTaskModule(TransferModule):
         self.scheduler_factory = scheduler
         self.log_grad_norm = log_grad_norm
         self.check_finite_loss = check_finite_loss
+        self.embedding_grad_buffer = embedding_grad_buffer
         self.run_config = run_config or {}
         self.strategy = strategy
         self._build_metrics()

@@ -178,6 +178,7 @@ def build_multitask_module(
         private_adapters=opts["private_adapters"],
         log_grad_norm=bool(model_cfg.get("log_grad_norm", False)),
         check_finite_loss=bool(model_cfg.get("check_finite_loss", True)),
+        embedding_grad_buffer=bool(model_cfg.get("embedding_grad_buffer", True)),
         run_config=plain_config(cfg),
     )
 
