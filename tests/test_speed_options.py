@@ -1,5 +1,5 @@
 """The speed switches of issue 8: length-grouped training batches and fused AdamW (with
-gradient clipping under bf16)."""
+gradient clipping under bf16), and the NaN fill of deterministic runs."""
 
 from __future__ import annotations
 
@@ -98,10 +98,30 @@ def test_fused_clipping_norm_and_value() -> None:
     module._trainer = fake  # type: ignore[assignment]
     param.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])
     module.configure_gradient_clipping(opt, 1.0, "norm")
-    torch.testing.assert_close(param.grad.norm(), torch.tensor(1.0))
+    # by norm: handed to the fused kernel, which divides the gradients by grad_scale
+    torch.testing.assert_close(opt.grad_scale, torch.tensor(5.0))
     param.grad = torch.tensor([3.0, -4.0, 0.5, 0.0])
     module.configure_gradient_clipping(opt, 1.0, "value")
+    assert opt.grad_scale is None
     assert param.grad.tolist() == [1.0, -1.0, 0.5, 0.0]
+    param.grad = torch.tensor([0.3, 0.4, 0.0, 0.0])  # norm below the limit: unchanged
+    module.configure_gradient_clipping(opt, 1.0, "norm")
+    torch.testing.assert_close(opt.grad_scale, torch.tensor(1.0))
+
+    # the clipped step equals clip_grad_norm_ followed by an unfused step (SGD: the update
+    # is proportional to the gradient, so a wrong scale would show)
+    fused_p = torch.nn.Parameter(torch.ones(4))
+    plain_p = torch.nn.Parameter(torch.ones(4))
+    fused_sgd = torch.optim.SGD([fused_p], lr=0.5, fused=True)
+    plain_sgd = torch.optim.SGD([plain_p], lr=0.5)
+    for grad in ([3.0, 4.0, 0.0, 12.0], [0.1, 0.2, 0.0, 0.1]):
+        fused_p.grad = torch.tensor(grad)
+        plain_p.grad = torch.tensor(grad)
+        module.configure_gradient_clipping(fused_sgd, 1.0, "norm")
+        fused_sgd.step()
+        torch.nn.utils.clip_grad_norm_([plain_p], 1.0)
+        plain_sgd.step()
+        torch.testing.assert_close(fused_p, plain_p)
 
 
 @pytest.mark.slow
@@ -149,3 +169,19 @@ def test_overfit_batches_sees_the_same_grouped_batches_every_epoch(make_cfg) -> 
     first, *later = RecordBatches.firsts
     assert len(later) == 2
     assert all(torch.equal(first, other) for other in later)
+
+
+def test_deterministic_runs_skip_the_nan_fill_unless_asked(make_cfg) -> None:
+    """trainer.deterministic=true keeps deterministic kernels; PyTorch's NaN-filling of new
+    tensors is a separate switch (deterministic_fill), off by default."""
+    overrides = ("+trainer.max_steps=1", "callbacks.model_checkpoint=null", "test=false")
+    try:
+        train(make_cfg(*overrides, "deterministic_fill=true", run="fill"))
+        assert torch.utils.deterministic.fill_uninitialized_memory
+        assert torch.are_deterministic_algorithms_enabled()
+        train(make_cfg(*overrides, run="nofill"))
+        assert not torch.utils.deterministic.fill_uninitialized_memory
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        torch.use_deterministic_algorithms(False)

@@ -428,19 +428,22 @@ class TransferModule(LightningModule):
         Lightning's mixed-precision plugin refuses to clip for any optimizer that unscales
         gradients itself (fused AdamW), because under fp16 the gradients are still scaled
         at that point. bf16 has no loss scaler, so the gradients are already true values
-        and clipping them here is exactly what the unfused path does.
+        and clipping them is what the unfused path does. Clipping by norm is handed to the
+        fused kernel as its ``grad_scale`` (it divides each gradient as it reads it), which
+        saves a pass over all gradients; the update equals ``clip_grad_norm_`` + step.
         """
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if (
-            gradient_clip_val
-            and scaler is None
-            and getattr(optimizer, "_step_supports_amp_scaling", False)
-        ):
+        fused = scaler is None and getattr(optimizer, "_step_supports_amp_scaling", False)
+        if fused:
+            optimizer.grad_scale = None  # type: ignore[attr-defined]
+        if gradient_clip_val and fused:
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             if gradient_clip_algorithm == "value":
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            elif params:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+                coef = (float(gradient_clip_val) / (norm + 1e-6)).clamp(max=1.0)
+                optimizer.grad_scale = coef.reciprocal().float()  # type: ignore[attr-defined]
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 

@@ -43,6 +43,7 @@ from nlp_transfer.builders import (
 )
 from nlp_transfer.checkpoint import CheckpointError, check_fits, read_checkpoint
 from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.training.determinism import set_deterministic_fill
 from nlp_transfer.training.loop_state import ResumeState
 from nlp_transfer.training.progress_checkpoint import ProgressCheckpoint
 from nlp_transfer.training.resume import (
@@ -255,6 +256,7 @@ def fit_and_score(
         **({"plugins": plugins} if plugins else {}),
         **trainer_kwargs,
     )
+    set_deterministic_fill(bool(cfg.get("deterministic_fill")))
     for lg in loggers:
         lg.log_hyperparams(plain_config(cfg))
 

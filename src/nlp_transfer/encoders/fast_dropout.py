@@ -113,8 +113,8 @@ def fast_dropout_attention(
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask
-    with torch.autocast("cpu", enabled=False):  # softmax in the scores' dtype, as SDPA does
-        probs = torch.softmax(scores, dim=-1)
+    # fp32 softmax: the CPU kernel is 2.5x slower on bf16 input than on fp32 output
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     out = torch.matmul(fast_dropout(probs, dropout), value)
     return out.transpose(1, 2).contiguous(), None
 

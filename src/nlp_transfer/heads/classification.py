@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.encoders.fast_dropout import FastDropout
 
 POOLINGS = ("cls", "mean", "max")
 
@@ -44,12 +45,12 @@ class SequenceClassificationHead(nn.Module):
         if activation not in acts:
             raise ConfigError(f"head.activation={activation!r}: choose one of {list(acts)}")
         self.pooling = pooling
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = FastDropout(dropout)
         if hidden_dim:
             self.classifier: nn.Module = nn.Sequential(
                 nn.Linear(input_size, hidden_dim),
                 acts[activation](),
-                nn.Dropout(dropout),
+                FastDropout(dropout),
                 nn.Linear(hidden_dim, num_labels),
             )
         else:
