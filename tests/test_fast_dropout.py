@@ -123,3 +123,20 @@ def test_encoder_default_installs_and_training_differs_per_seed() -> None:
     torch.manual_seed(2)
     c = encoder(ids, mask)[-1]
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_models_off_the_attention_interface_keep_their_attention() -> None:
+    """Custom model code (no transformers attention interface): dropout modules are swapped,
+    the attention setting is left alone, nothing fails."""
+    from types import SimpleNamespace
+
+    class Custom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = SimpleNamespace(_attn_implementation="sdpa")
+            self.block = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.2))
+
+    model = Custom()
+    assert install_fast_dropout(model) == 1
+    assert isinstance(model.block[1], FastDropout) and model.block[1].p == 0.2
+    assert model.config._attn_implementation == "sdpa"

@@ -119,19 +119,31 @@ def fast_dropout_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
+def _switch_attention(model: nn.Module) -> bool:
+    """Move ``model`` from SDPA to :func:`fast_dropout_attention`; False where it cannot."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    except ImportError:  # transformers before the attention interface: torch's SDPA dropout
+        return False
+    can_switch = getattr(model, "_can_set_attn_implementation", None)
+    if (
+        not callable(can_switch)
+        or not can_switch()
+        or not hasattr(model, "set_attn_implementation")
+    ):
+        return False  # model code that calls SDPA directly
     AttentionInterface.register(ATTENTION_NAME, fast_dropout_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+    model.set_attn_implementation(ATTENTION_NAME)
+    return model.config._attn_implementation == ATTENTION_NAME
 
 
 def install_fast_dropout(model: nn.Module) -> int:
     """Swap ``model``'s dropout for :class:`FastDropout`; returns how many were swapped.
 
     Attention moves to :func:`fast_dropout_attention` when the model uses SDPA through
-    transformers' attention interface (checked by ``set_attn_implementation``).
+    transformers' attention interface; other models keep their attention as it is.
     """
     swapped = 0
     for parent in list(model.modules()):
@@ -141,8 +153,7 @@ def install_fast_dropout(model: nn.Module) -> int:
                 swapped += 1
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) == "sdpa":
-        _register()
-        model.set_attn_implementation(ATTENTION_NAME)
+        _switch_attention(model)
     return swapped
 
 
