@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -36,7 +38,7 @@ class _Bag(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
 
 
-def _fit(callbacks: list[pl.Callback], accumulate: int = 1) -> _Bag:
+def _fit(callbacks: list[pl.Callback], accumulate: int = 1, strategy: str = "auto") -> _Bag:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 5000, (48, 6), generator=g)
     ids[:, 4:] = 0  # padding rows get no gradient in either path
@@ -47,6 +49,8 @@ def _fit(callbacks: list[pl.Callback], accumulate: int = 1) -> _Bag:
         accelerator="cpu",
         callbacks=callbacks,
         accumulate_grad_batches=accumulate,
+        strategy=strategy,
+        devices=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -66,20 +70,57 @@ def test_same_updates_as_dense_gradients(accumulate: int) -> None:
     assert len(set(buffered.grad_ptrs)) == 1  # one buffer for every step
 
 
-def test_small_tables_and_multi_process_runs_stay_dense() -> None:
+def test_single_process_ddp_trains_with_the_callback_configured() -> None:
+    """DDP's reducer expects dense gradients even with one process: the callback stays off."""
+    saved = dict(os.environ)  # Lightning exports MASTER_PORT etc. for its DDP processes
+    try:
+        buffered = _fit([EmbeddingGradBuffer(min_rows=1000)], strategy="ddp")
+        dense = _fit([], strategy="ddp")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # frees the rendezvous port
+        os.environ.clear()
+        os.environ.update(saved)
+    for a, b in zip(dense.parameters(), buffered.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def _setup(callback: EmbeddingGradBuffer, model: nn.Module, strategy: object) -> None:
+    callback.setup(types.SimpleNamespace(strategy=strategy), model, "fit")  # type: ignore[arg-type]
+
+
+CPU = SingleDeviceStrategy(device=torch.device("cpu"))
+
+
+def test_only_big_trainable_unwrapped_tables_in_single_cpu_runs() -> None:
     model = _Bag()
-    callback = EmbeddingGradBuffer(min_rows=1000)
-    callback.setup(types.SimpleNamespace(world_size=1), model, "fit")  # type: ignore[arg-type]
+    _setup(EmbeddingGradBuffer(min_rows=1000), model, CPU)
     assert model.emb.sparse and not model.pos.sparse
-    other = _Bag()
-    EmbeddingGradBuffer().setup(types.SimpleNamespace(world_size=2), other, "fit")  # type: ignore[arg-type]
-    assert not other.emb.sparse
+    ddp = _Bag()  # DDP even with one process: its reducer expects dense gradients
+    _setup(EmbeddingGradBuffer(min_rows=1000), ddp, DDPStrategy())
+    assert not ddp.emb.sparse
+    frozen = _Bag()
+    frozen.emb.weight.requires_grad_(False)
+    _setup(EmbeddingGradBuffer(min_rows=1000), frozen, CPU)
+    assert not frozen.emb.sparse
+    wrapped = _Bag()  # as PEFT's LoRA embedding layer, which reads base_layer.sparse
+    wrapped.lora = nn.Module()
+    wrapped.lora.base_layer = wrapped.emb
+    _setup(EmbeddingGradBuffer(min_rows=1000), wrapped, CPU)
+    assert not wrapped.emb.sparse
 
 
-def test_frozen_embedding_gets_no_buffer() -> None:
+def test_a_table_without_gradient_gets_none_not_zeros() -> None:
     model = _Bag()
-    model.emb.weight.requires_grad_(False)
     callback = EmbeddingGradBuffer(min_rows=1000)
-    callback.setup(types.SimpleNamespace(world_size=1), model, "fit")  # type: ignore[arg-type]
-    callback.on_before_backward(None, model, torch.zeros(()))  # type: ignore[arg-type]
+    _setup(callback, model, CPU)
+    model.out(torch.randn(2, 8)).sum().backward()  # the embedding takes no part
+    callback.on_after_backward(None, model)  # type: ignore[arg-type]
     assert model.emb.weight.grad is None
+    ids = torch.tensor([[3, 3, 7]])
+    model.emb(ids).sum().backward()
+    assert model.emb.weight.grad.is_sparse
+    callback.on_after_backward(None, model)  # type: ignore[arg-type]
+    grad = model.emb.weight.grad
+    assert not grad.is_sparse and grad[3].tolist() == [2.0] * 8 and grad[7].tolist() == [1.0] * 8
+    assert grad.abs().sum() == 3 * 8

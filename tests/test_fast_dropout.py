@@ -15,7 +15,6 @@ from nlp_transfer.encoders.fast_dropout import (
     fast_dropout,
     install_fast_dropout,
     scaled_keep_mask,
-    uninstall_attention,
 )
 from nlp_transfer.encoders.transformer import TransformerEncoder, packaged_minilm_dir
 
@@ -83,8 +82,6 @@ def test_install_swaps_every_dropout_and_attention() -> None:
     assert swapped == sum(isinstance(m, nn.Dropout) for m in encoder.model.modules())
     assert not any(type(m) is nn.Dropout for m in encoder.model.modules())
     assert encoder.model.config._attn_implementation == ATTENTION_NAME
-    uninstall_attention(encoder.model)
-    assert encoder.model.config._attn_implementation == "sdpa"
 
 
 def test_attention_math_path_matches_sdpa() -> None:
@@ -97,13 +94,13 @@ def test_attention_math_path_matches_sdpa() -> None:
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, 5:] = 0
     mask[2, 2:] = 0
+    mask[0, :] = 0  # a sequence of padding only: SDPA gives its rows zeros, not an average
     reference.train()
     patched.train()
     expected = reference(ids, mask)
     got = patched(ids, mask)
     for e, g in zip(expected, got):
-        keep = mask.bool()
-        assert torch.allclose(e[keep], g[keep], atol=1e-5)
+        assert torch.allclose(e, g, atol=1e-5)
 
 
 def test_encoder_default_installs_and_training_differs_per_seed() -> None:
@@ -140,3 +137,54 @@ def test_models_off_the_attention_interface_keep_their_attention() -> None:
     assert install_fast_dropout(model) == 1
     assert isinstance(model.block[1], FastDropout) and model.block[1].p == 0.2
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_causal_default_goes_to_sdpa_as_in_transformers() -> None:
+    """A module without ``is_causal`` and no mask is causal for transformers' SDPA function;
+    the fast path must not treat it as bidirectional."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from nlp_transfer.encoders.fast_dropout import fast_dropout_attention
+
+    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
+    module = SimpleNamespace(training=True)
+    got, _ = fast_dropout_attention(module, q, k, v, None, dropout=1e-7)
+    expected, _ = sdpa_attention_forward(module, q, k, v, None, dropout=0.0)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_pickled_model_runs_in_a_fresh_process(tmp_path) -> None:
+    """ddp_spawn and process launchers unpickle models elsewhere: the attention name must be
+    registered there too."""
+    import pickle
+    import subprocess
+    import sys
+
+    encoder = _tiny_model(0.1)
+    install_fast_dropout(encoder.model)
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps(encoder.model))
+    code = (
+        "import pickle, sys, torch\n"
+        "m = pickle.load(open(sys.argv[1], 'rb')).train()\n"
+        "out = m(input_ids=torch.randint(1000, 2000, (2, 6)), attention_mask=torch.ones(2, 6))\n"
+        "print(m.config._attn_implementation, tuple(out.last_hidden_state.shape))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [ATTENTION_NAME, "(2,", "6,", "32)"]
+
+
+def test_module_swaps_head_dropout_with_the_encoder_setting(make_cfg) -> None:
+    from nlp_transfer.builders import build_encoder, build_module
+
+    for fast in (True, False):
+        cfg = make_cfg(f"+encoder.fast_dropout={str(fast).lower()}", run=f"fast{fast}")
+        module = build_module(cfg, build_encoder(cfg), ["neg", "pos"], "classification")
+        module.setup("fit")
+        kinds = {type(m) for m in module.modules() if isinstance(m, nn.Dropout)}
+        assert kinds == ({FastDropout} if fast else {nn.Dropout})

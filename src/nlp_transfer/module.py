@@ -19,6 +19,7 @@ from torch import nn
 
 from nlp_transfer.data.alignment import merge_window_predictions
 from nlp_transfer.encoders.base import Encoder
+from nlp_transfer.encoders.fast_dropout import swap_dropout
 from nlp_transfer.metrics.classification import PerClassReport, classification_metrics
 from nlp_transfer.metrics.entity import EntityF1
 from nlp_transfer.strategies.base import TrainableSpec, TransferStrategy
@@ -52,7 +53,7 @@ class TransferModule(LightningModule):
         compile_encoder: ``torch.compile`` the encoder (dynamic shapes), after the strategy
             has set it up.
         embedding_grad_buffer: vocabulary embeddings add their gradient into one reused
-            buffer (:class:`EmbeddingGradBuffer`, single-process runs, not compiled).
+            buffer (:class:`EmbeddingGradBuffer`, single-process CPU runs, not compiled).
     """
 
     def __init__(
@@ -143,6 +144,10 @@ class TransferModule(LightningModule):
         if self.frozen_encoder:
             self.encoder.eval()  # feature extraction: no encoder dropout
         return self
+
+    def setup(self, stage: str) -> None:
+        if getattr(self.encoder, "fast_dropout", False):
+            swap_dropout(self)  # heads, auxiliary heads, adapters: cheap masks as the encoder
 
     def on_train_start(self) -> None:
         # Lightning 2.x restores the modes modules had before fit instead of calling

@@ -70,7 +70,7 @@ def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tens
 
 
 class FastDropout(nn.Dropout):
-    """``nn.Dropout`` whose CPU masks come from :func:`keep_mask`."""
+    """``nn.Dropout`` whose CPU masks come from :func:`scaled_keep_mask`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inplace:
@@ -91,16 +91,19 @@ def fast_dropout_attention(
     """transformers attention function: SDPA, except training on CPU with dropout.
 
     That case runs SDPA's math path written out (scores, mask, softmax, dropout, values)
-    with :func:`fast_dropout` on the attention probabilities. Causal, grouped-query and
-    position-bias attention always go to SDPA.
+    with :func:`fast_dropout` on the attention probabilities, for bidirectional attention
+    under a padding mask or none. Causal (decided as transformers' SDPA function decides
+    it), grouped-query and position-bias attention always go to SDPA.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    is_causal = kwargs.get("is_causal")
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = query.shape[2] > 1 and attention_mask is None and is_causal
     plain = (
-        not kwargs.get("is_causal", getattr(module, "is_causal", False))
+        not causal
         and getattr(module, "num_key_value_groups", 1) == 1
         and kwargs.get("position_bias") is None
-        and key.shape[2] == query.shape[2]
     )
     if dropout == 0.0 or query.device.type != "cpu" or not plain:
         return sdpa_attention_forward(
@@ -108,57 +111,64 @@ def fast_dropout_attention(
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)
+    dead_rows = None
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            dead_rows = ~attention_mask.any(dim=-1, keepdim=True)  # no key at all to attend
         else:
             scores = scores + attention_mask
-    # fp32 softmax: the CPU kernel is 2.5x slower on bf16 input than on fp32 output
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    out = torch.matmul(fast_dropout(probs, dropout), value)
+    # at least fp32 softmax: the CPU kernel is 2.5x slower on bf16 input than on fp32
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    if dead_rows is not None and bool(dead_rows.any()):
+        probs = probs.masked_fill(dead_rows, 0.0)  # as SDPA: zeros, not a uniform average
+    out = torch.matmul(fast_dropout(probs.to(value.dtype), dropout), value)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _switch_attention(model: nn.Module) -> bool:
-    """Move ``model`` from SDPA to :func:`fast_dropout_attention`; False where it cannot."""
+def _register() -> bool:
+    """Register :func:`fast_dropout_attention` (and SDPA's mask) with transformers.
+
+    At import: a model pickled with this attention set (``ddp_spawn``, joblib) needs the
+    name registered in the process that unpickles it, which imports this module for the
+    :class:`FastDropout` modules it holds.
+    """
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     except ImportError:  # transformers before the attention interface: torch's SDPA dropout
         return False
-    can_switch = getattr(model, "_can_set_attn_implementation", None)
-    if (
-        not callable(can_switch)
-        or not can_switch()
-        or not hasattr(model, "set_attn_implementation")
-    ):
-        return False  # model code that calls SDPA directly
     AttentionInterface.register(ATTENTION_NAME, fast_dropout_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
-    model.set_attn_implementation(ATTENTION_NAME)
-    return model.config._attn_implementation == ATTENTION_NAME
+    return True
 
 
-def install_fast_dropout(model: nn.Module) -> int:
-    """Swap ``model``'s dropout for :class:`FastDropout`; returns how many were swapped.
+_REGISTERED = _register()
 
-    Attention moves to :func:`fast_dropout_attention` when the model uses SDPA through
-    transformers' attention interface; other models keep their attention as it is.
-    """
+
+def swap_dropout(model: nn.Module) -> int:
+    """Replace every ``nn.Dropout`` in ``model`` by :class:`FastDropout`; returns the count."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Dropout:
                 setattr(parent, name, FastDropout(child.p, child.inplace))
                 swapped += 1
-    config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) == "sdpa":
-        _switch_attention(model)
     return swapped
 
 
-def uninstall_attention(model: nn.Module) -> None:
-    """Put SDPA back as the attention implementation (before saving a model's config)."""
+def install_fast_dropout(model: nn.Module) -> int:
+    """:func:`swap_dropout`, and attention moved to :func:`fast_dropout_attention` when the
+    model uses SDPA through transformers' attention interface (other models keep theirs)."""
+    swapped = swap_dropout(model)
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) == ATTENTION_NAME:
-        model.set_attn_implementation("sdpa")
+    can_switch = getattr(model, "_can_set_attn_implementation", None)
+    if (
+        _REGISTERED
+        and getattr(config, "_attn_implementation", None) == "sdpa"
+        and callable(can_switch)
+        and can_switch()
+        and hasattr(model, "set_attn_implementation")
+    ):
+        model.set_attn_implementation(ATTENTION_NAME)
+    return swapped

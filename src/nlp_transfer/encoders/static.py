@@ -23,7 +23,6 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import PreTrainedTokenizerFast
 
 from nlp_transfer.encoders.base import Encoder
-from nlp_transfer.encoders.fast_dropout import FastDropout
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +212,7 @@ class StaticVectorsEncoder(Encoder):
             nn.LSTM(self.hidden_size, self.lstm_hidden, batch_first=True, bidirectional=True)
             for _ in range(self.num_layers)
         )
-        self.dropout = FastDropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         log.info(
             "static vectors %s: %d words, dim %d, %s, %d BiLSTM layers",
             self.path,

@@ -103,6 +103,7 @@ class TransformerEncoder(Encoder):
             # BERT-style pooler: never used (heads pool hidden states themselves); removing
             # it keeps DDP from failing on parameters that get no gradient
             self.model.pooler = None
+        self.fast_dropout = fast_dropout
         if fast_dropout:
             install_fast_dropout(self.model)
         self.random_init = random_init

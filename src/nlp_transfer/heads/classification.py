@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nlp_transfer.data.errors import ConfigError
-from nlp_transfer.encoders.fast_dropout import FastDropout
 
 POOLINGS = ("cls", "mean", "max")
 
@@ -45,12 +44,12 @@ class SequenceClassificationHead(nn.Module):
         if activation not in acts:
             raise ConfigError(f"head.activation={activation!r}: choose one of {list(acts)}")
         self.pooling = pooling
-        self.dropout = FastDropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         if hidden_dim:
             self.classifier: nn.Module = nn.Sequential(
                 nn.Linear(input_size, hidden_dim),
                 acts[activation](),
-                FastDropout(dropout),
+                nn.Dropout(dropout),
                 nn.Linear(hidden_dim, num_labels),
             )
         else:

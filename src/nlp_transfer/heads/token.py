@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nlp_transfer.data.errors import ConfigError
-from nlp_transfer.encoders.fast_dropout import FastDropout
 
 IGNORE_INDEX = -100
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
@@ -38,12 +37,12 @@ def build_classifier(
     if num_labels < 1:
         raise ConfigError(f"num_labels={num_labels} must be >= 1")
     if not hidden_dim:
-        return nn.Sequential(FastDropout(dropout), nn.Linear(input_size, num_labels))
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(input_size, num_labels))
     return nn.Sequential(
-        FastDropout(dropout),
+        nn.Dropout(dropout),
         nn.Linear(input_size, hidden_dim),
         ACTIVATIONS[activation](),
-        FastDropout(dropout),
+        nn.Dropout(dropout),
         nn.Linear(hidden_dim, num_labels),
     )
 

@@ -5,11 +5,14 @@ A dense ``nn.Embedding`` backward allocates a fresh vocabulary-sized gradient ev
 ``zero_grad(set_to_none=True)`` frees it again. On CPU the fresh pages are what costs: the
 zero fill ran at a tenth of memory bandwidth and, with the free, took about 10 ms of a
 ~110 ms step. With this callback the embedding produces a sparse gradient (the rows of the
-batch's tokens), which autograd adds in place into a dense buffer that is zeroed, not
-reallocated, before each step. The optimizer still sees the same dense gradient, so the
-update is unchanged (exact AdamW, not a lazy variant).
+batch's tokens), which is added into a dense buffer that is zeroed, not reallocated, each
+step (later micro-batches of an accumulated step add into it in place). The optimizer sees
+the same dense gradient, and none when the table took no part in the step, so the update
+is unchanged (exact AdamW, not a lazy variant).
 
-Single-process runs only: DDP buckets dense gradients and would need sparse all-reduce.
+Single-process CPU runs only: DDP buckets dense gradients, and GPUs' caching allocator does
+not pay for fresh memory. Tables that are frozen when training starts, or wrapped by PEFT
+(LoRA on embeddings reads the base layer's ``sparse`` flag), keep dense gradients.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import logging
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import SingleDeviceStrategy
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -38,43 +42,42 @@ class EmbeddingGradBuffer(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if trainer.world_size > 1:
-            log.info(
-                "EmbeddingGradBuffer: off under %d processes (dense DDP gradients)",
-                trainer.world_size,
-            )
+        strategy = trainer.strategy
+        if not isinstance(strategy, SingleDeviceStrategy) or strategy.root_device.type != "cpu":
+            log.info("EmbeddingGradBuffer: off (%s)", type(strategy).__name__)
             return
+        wrapped = {  # PEFT layers keep the layer they adapt as ``base_layer``
+            id(base)
+            for m in pl_module.modules()
+            if isinstance(base := getattr(m, "base_layer", None), nn.Module)
+        }
         for module in pl_module.modules():
             if (
                 type(module) is nn.Embedding
                 and module.num_embeddings >= self.min_rows
+                and module.weight.requires_grad
                 and module.max_norm is None
                 and not module.sparse
+                and id(module) not in wrapped
             ):
                 module.sparse = True  # read by F.embedding at every forward
                 self._buffers[module] = torch.empty(0)
 
-    def on_before_backward(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
-    ) -> None:
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for module in self._buffers:
             weight = module.weight
-            if not weight.requires_grad or weight.grad is not None:
-                continue  # frozen, or accumulating over micro-batches into the buffer
+            grad = weight.grad
+            if grad is None or not grad.is_sparse:
+                continue  # no part in this step, or already the buffer (accumulation)
             buffer = self._buffers[module]
             if (
                 buffer.shape != weight.shape
-                or buffer.dtype != weight.dtype
-                or buffer.device != weight.device
+                or buffer.dtype != grad.dtype
+                or buffer.device != grad.device
             ):
-                buffer = self._buffers[module] = torch.empty_like(weight)
-            weight.grad = buffer.zero_()
-
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for module in self._buffers:
-            grad = module.weight.grad
-            if grad is not None and grad.is_sparse:  # backward outside on_before_backward
-                module.weight.grad = grad.to_dense()
+                buffer = self._buffers[module] = torch.empty_like(weight, dtype=grad.dtype)
+            buffer.zero_().index_add_(0, grad._indices()[0], grad._values())
+            weight.grad = buffer
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for module in self._buffers:
