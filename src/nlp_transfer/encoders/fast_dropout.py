@@ -114,7 +114,7 @@ def fast_dropout_attention(
     dead_rows = None
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            scores = torch.where(attention_mask, scores, torch.finfo(scores.dtype).min)
             dead_rows = ~attention_mask.any(dim=-1, keepdim=True)  # no key at all to attend
         else:
             scores = scores + attention_mask
