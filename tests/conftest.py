@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -46,6 +48,19 @@ def compose_config(
         cfg.paths.cache_dir = str(cache_dir or output_dir.parent / "cache")
     GlobalHydra.instance().clear()
     return cfg
+
+
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    """A CPU ``Trainer`` for hand-built test modules: no logger, checkpoints, progress bar
+    or model summary; ``kwargs`` add to or override these."""
+    settings: dict[str, Any] = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(**{**settings, **kwargs})
 
 
 @pytest.fixture

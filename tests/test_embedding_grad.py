@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from nlp_transfer.training.embedding_grad import EmbeddingGradBuffer
+from tests.conftest import quiet_trainer
 
 
 class _Bag(pl.LightningModule):
@@ -44,17 +45,12 @@ def _fit(callbacks: list[pl.Callback], accumulate: int = 1, strategy: str = "aut
     ids[:, 4:] = 0  # padding rows get no gradient in either path
     data = TensorDataset(ids, torch.randint(0, 3, (48,), generator=g))
     model = _Bag()
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_epochs=2,
-        accelerator="cpu",
         callbacks=callbacks,
         accumulate_grad_batches=accumulate,
         strategy=strategy,
         devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(model, DataLoader(data, batch_size=8))
     return model

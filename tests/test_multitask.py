@@ -29,6 +29,7 @@ from nlp_transfer.multitask.sampling import (
 from nlp_transfer.multitask.train import build_multitask_datamodule, build_multitask_module
 from nlp_transfer.train import train
 from nlp_transfer.utils.resolvers import PROJECT_ROOT
+from tests.conftest import quiet_trainer
 
 MakeCfg = Callable[..., DictConfig]
 SMALL = [
@@ -205,16 +206,7 @@ def test_each_head_learns_only_from_its_task(make_cfg: MakeCfg, private: bool) -
     module = build_multitask_module(cfg, encoder, dm)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     probe = GradProbe()
-    trainer = pl.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[probe],
-    )
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[probe])
     trainer.fit(module, datamodule=dm)
     assert probe.task == "sentiment"
     grads = probe.grads

@@ -12,6 +12,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader, DistributedSampler
 
 from nlp_transfer.data.sampler import LengthGroupedBatchSampler, lengths_of, padding_stats
+from tests.conftest import quiet_trainer
 
 
 def _lengths(n: int, seed: int = 0) -> list[int]:
@@ -254,13 +255,7 @@ def test_lightning_sets_the_epoch() -> None:
             return DataLoader(list(range(96)), batch_sampler=sampler)
 
     model = Recorder()
-    trainer = pl.Trainer(
-        max_epochs=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_epochs=3)
     trainer.fit(model)
     reference = LengthGroupedBatchSampler(lengths=lengths, batch_size=8, seed=9)
     expected = []

@@ -22,6 +22,7 @@ from nlp_transfer.strategies.partial import EmbeddingsOnly, Layers, TopK
 from nlp_transfer.strategies.reinit import ReinitTopK
 from nlp_transfer.strategies.simple import FrozenEncoder, FullFineTuning
 from nlp_transfer.training.slanted_triangular import slanted_triangular_schedule
+from tests.conftest import quiet_trainer
 
 NUM_LAYERS = 4
 ALL = set(range(NUM_LAYERS + 1))  # layer groups: 0 = embeddings, 1..4 = layers
@@ -236,16 +237,7 @@ def test_invalid_layer_selections(tiny_encoder: TransformerEncoder) -> None:
 
 def fit(module: TinyModule, callbacks: list[pl.Callback], root: Any, **kw: Any) -> pl.Trainer:
     ckpt = kw.pop("ckpt_path", None)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(root),
-        callbacks=callbacks,
-        **kw,
-    )
+    trainer = quiet_trainer(default_root_dir=str(root), callbacks=callbacks, **kw)
     trainer.fit(module, DataLoader(Batches(8), batch_size=4), ckpt_path=ckpt)
     return trainer
 
