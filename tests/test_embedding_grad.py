@@ -24,6 +24,7 @@ class _Bag(pl.LightningModule):
         self.pos = nn.Embedding(16, 8)
         self.out = nn.Linear(8, 3)
         self.grad_ptrs: list[int] = []
+        self.norm_pairs: list[tuple[float, float]] = []  # (callback's norm, dense norm)
 
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         ids, y = batch
@@ -34,6 +35,14 @@ class _Bag(pl.LightningModule):
         grad = self.emb.weight.grad
         assert grad is not None and not grad.is_sparse
         self.grad_ptrs.append(grad.data_ptr())
+        buffer = next(
+            (c for c in self.trainer.callbacks if isinstance(c, EmbeddingGradBuffer)), None
+        )
+        if buffer is not None:
+            params = list(self.parameters())
+            fast = buffer.total_grad_norm(params)
+            full = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            self.norm_pairs.append((float(fast), float(full)))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
@@ -64,6 +73,39 @@ def test_same_updates_as_dense_gradients(accumulate: int) -> None:
         assert torch.allclose(a, b, atol=1e-6), name
     assert not buffered.emb.sparse  # restored at teardown
     assert len(set(buffered.grad_ptrs)) == 1  # one buffer for every step
+    # clipping's norm, read from the written rows only, is the norm of the whole gradient
+    assert len(buffered.norm_pairs) == 12 // accumulate
+    for fast, full in buffered.norm_pairs:
+        assert fast == pytest.approx(full, rel=1e-6)
+
+
+def test_only_written_rows_are_cleared_and_stale_rows_would_show() -> None:
+    """The next step clears the rows of the previous one (not the whole table); leaving one
+    of them in place changes the gradient, so the update test above would catch it."""
+    model = _Bag()
+    callback = EmbeddingGradBuffer(min_rows=1000)
+    _setup(callback, model, CPU)
+    model.emb(torch.tensor([[5, 9]])).sum().backward()
+    callback.on_after_backward(None, model)  # type: ignore[arg-type]
+    buffer = model.emb.weight.grad
+    model.emb.weight.grad = None  # zero_grad(set_to_none=True)
+    model.emb(torch.tensor([[9, 11]])).sum().backward()
+    callback.on_after_backward(None, model)  # type: ignore[arg-type]
+    grad = model.emb.weight.grad
+    assert grad is buffer
+    assert grad[5].abs().sum() == 0 and grad[9].tolist() == [1.0] * 8
+    assert grad.abs().sum() == 2 * 8
+    # a dense gradient arriving through the hook (the table's sparse flag switched off)
+    # marks every row: the next step clears the whole buffer
+    model.emb.weight.grad = None
+    model.emb.sparse = False
+    model.emb(torch.tensor([[1]])).sum().backward()
+    model.emb.weight.grad = None
+    model.emb.sparse = True
+    model.emb(torch.tensor([[2]])).sum().backward()
+    buffer[100] = 7.0  # written by the dense step in this scenario
+    callback.on_after_backward(None, model)  # type: ignore[arg-type]
+    assert model.emb.weight.grad.abs().sum() == 8
 
 
 def test_single_process_ddp_trains_with_the_callback_configured() -> None:

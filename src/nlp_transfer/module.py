@@ -102,6 +102,7 @@ class TransferModule(LightningModule):
         self.log_grad_norm = log_grad_norm
         self.check_finite_loss = check_finite_loss
         self.embedding_grad_buffer = embedding_grad_buffer and not compile_encoder
+        self._grad_buffer: EmbeddingGradBuffer | None = None  # set by configure_callbacks
         self.run_config = run_config or {}
         self.strategy = strategy
         self._build_metrics()
@@ -420,7 +421,8 @@ class TransferModule(LightningModule):
 
     def configure_callbacks(self) -> list[Callback]:
         # model-owned: a speed setting that must not vanish with callbacks=none
-        return [EmbeddingGradBuffer()] if self.embedding_grad_buffer else []
+        self._grad_buffer = EmbeddingGradBuffer() if self.embedding_grad_buffer else None
+        return [self._grad_buffer] if self._grad_buffer is not None else []
 
     def configure_gradient_clipping(
         self,
@@ -446,7 +448,11 @@ class TransferModule(LightningModule):
             if gradient_clip_algorithm == "value":
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
             elif params:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+                buffer = getattr(self, "_grad_buffer", None)
+                if buffer is not None:  # reads only the written rows of embedding gradients
+                    norm = buffer.total_grad_norm(params)
+                else:
+                    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
                 coef = (float(gradient_clip_val) / (norm + 1e-6)).clamp(max=1.0)
                 optimizer.grad_scale = coef.reciprocal().float()  # type: ignore[attr-defined]
             return

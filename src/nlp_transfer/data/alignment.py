@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.data.padding import pad_to
 
 IGNORE_INDEX = -100
 
@@ -315,12 +316,7 @@ def collate_aligned(
     t_max, w_max = max(lengths, default=0), max(n_words, default=0)
 
     def pad(name: str, width: int, value: int) -> torch.Tensor:
-        out = torch.full((batch, width), value, dtype=torch.long)
-        for b, example in enumerate(examples):
-            row = _field(example, name)
-            if len(row):
-                out[b, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-        return out
+        return pad_to([_field(e, name) for e in examples], value, width)
 
     result = {
         "input_ids": pad("input_ids", t_max, pad_token_id),

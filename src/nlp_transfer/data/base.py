@@ -51,7 +51,8 @@ class TransferDataModule(LightningDataModule):
     Splits come from ``data_dir`` (``train.*``, optional ``validation.*``/``test.*``) or
     explicit ``<split>_file`` keys (an explicit key wins). Without a validation split a
     seeded ``val_fraction`` of train is carved out. ``length_grouping`` batches training
-    examples of similar length together (shuffled megabatches, far less padding).
+    examples of similar length together (shuffled megabatches, far less padding);
+    ``megabatch_mult`` is the number of batches per length-sorted megabatch.
     """
 
     task: str = ""
@@ -76,6 +77,7 @@ class TransferDataModule(LightningDataModule):
         cache_dir: str | None = None,
         cache_tokenization: bool = True,
         length_grouping: bool = False,
+        megabatch_mult: int = 50,
     ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
@@ -95,6 +97,11 @@ class TransferDataModule(LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "tokenized"
         self.cache_tokenization = cache_tokenization
         self.length_grouping = bool(length_grouping)
+        if int(megabatch_mult) < 1:
+            raise ConfigError(
+                f"data.megabatch_mult must be a whole number >= 1, got {megabatch_mult!r}"
+            )
+        self.megabatch_mult = int(megabatch_mult)
         self.vocab: LabelVocab | None = None
         self.examples: dict[str, list[Any]] = {}
         self.datasets: dict[str, Dataset] = {}
@@ -271,6 +278,7 @@ class TransferDataModule(LightningDataModule):
             self.collate,
             self.num_workers,
             shuffle=not overfitting(self),
+            megabatch_mult=self.megabatch_mult,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -299,30 +307,27 @@ def grouped_loader(
     collate: Collate,
     num_workers: int = 0,
     shuffle: bool = True,
+    megabatch_mult: int = 50,
 ) -> DataLoader:
     """Batches of similar-length examples in a seeded random order (less padding); DDP-aware
     and resumable mid-epoch (see :mod:`nlp_transfer.data.sampler`). The seed defaults to the
     run's (``PL_GLOBAL_SEED``); :class:`~nlp_transfer.training.loop_state.ResumeState` sets
     it to the seed it keeps in checkpoints. ``shuffle=False`` gives the same batches every
     epoch: used under ``trainer.overfit_batches``, where Lightning turns plain shuffling off
-    but cannot reach into a batch sampler."""
+    but cannot reach into a batch sampler. ``megabatch_mult``: batches per length-sorted
+    megabatch (see :class:`~nlp_transfer.data.sampler.LengthGroupedBatchSampler`)."""
     return DataLoader(
         dataset,
         batch_sampler=LengthGroupedBatchSampler(
-            lengths=lengths, batch_size=batch_size, shuffle=shuffle
+            lengths=lengths,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            megabatch_mult=megabatch_mult,
         ),
         collate_fn=collate,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )
-
-
-def pad_to(seqs: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-    return out
 
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]

@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from nlp_transfer.data.base import TransferDataModule, pad_to
+from nlp_transfer.data.base import TransferDataModule
 from nlp_transfer.data.errors import DataError
+from nlp_transfer.data.padding import pad_to
 from nlp_transfer.data.readers import Example, read_classification_file
 
 

@@ -232,6 +232,7 @@ class CachedFeatureDataModule(LightningDataModule):
                 self._collate(),
                 self.wrapped.num_workers,
                 shuffle=not overfitting(self),
+                megabatch_mult=getattr(self.wrapped, "megabatch_mult", 50),
             )
         return self._loader("train", True, self.wrapped.batch_size)
 

@@ -270,7 +270,13 @@ class MultiTaskDataModule(LightningDataModule):
             kwargs = self._loader_kwargs(name, dm)
             if getattr(dm, "length_grouping", False):
                 grouped = GroupedShardSampler(
-                    lengths_of(ds), dm.batch_size, rank, world, self.seed, index
+                    lengths_of(ds),
+                    dm.batch_size,
+                    rank,
+                    world,
+                    self.seed,
+                    index,
+                    megabatch_mult=getattr(dm, "megabatch_mult", 50),
                 )
                 shards[name] = grouped
                 loaders[name] = DataLoader(ds, batch_sampler=grouped, **kwargs)

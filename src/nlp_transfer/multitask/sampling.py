@@ -98,9 +98,15 @@ class GroupedShardSampler(LengthGroupedBatchSampler):
         world_size: int = 1,
         seed: int = 0,
         task_index: int = 0,
+        megabatch_mult: int = 50,
     ) -> None:
         super().__init__(
-            lengths=lengths, batch_size=batch_size, num_replicas=world_size, rank=rank, seed=seed
+            lengths=lengths,
+            batch_size=batch_size,
+            num_replicas=world_size,
+            rank=rank,
+            seed=seed,
+            megabatch_mult=megabatch_mult,
         )
         self.base_seed, self.task_index = int(seed), int(task_index)
 

@@ -10,6 +10,16 @@ step (later micro-batches of an accumulated step add into it in place). The opti
 the same dense gradient, and none when the table took no part in the step, so the update
 is unchanged (exact AdamW, not a lazy variant).
 
+The callback also knows which rows of the buffer can be non-zero: the rows of every sparse
+gradient since the buffer was last cleared (recorded by a gradient hook, so micro-batches
+that autograd adds straight into the buffer under gradient accumulation count too). The
+next step clears only those rows instead of the whole table, and :meth:`grad_norms` reads
+only those rows for gradient clipping: the same values (every other row is zero), without
+two full passes over a 47 MB buffer per step. Code that writes into the gradient of rows a
+batch did not touch (gradient noise, for example) breaks that assumption; set
+``model.embedding_grad_buffer=false`` for it. Scaling or clipping gradients keeps zeros
+zero and is fine.
+
 Single-process CPU runs only: DDP buckets dense gradients, and GPUs' caching allocator does
 not pay for fresh memory. Tables that are frozen when training starts, or wrapped by PEFT
 (LoRA on embeddings reads the base layer's ``sparse`` flag), keep dense gradients.
@@ -18,6 +28,8 @@ not pay for fresh memory. Tables that are frozen when training starts, or wrappe
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -38,6 +50,9 @@ class EmbeddingGradBuffer(pl.Callback):
     def __init__(self, min_rows: int = 4096) -> None:
         self.min_rows = min_rows
         self._buffers: dict[nn.Embedding, torch.Tensor] = {}
+        # rows of each buffer that may be non-zero (the indices of its sparse gradients)
+        self._dirty: dict[nn.Embedding, list[torch.Tensor]] = {}
+        self._hooks: list[Any] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -62,6 +77,19 @@ class EmbeddingGradBuffer(pl.Callback):
             ):
                 module.sparse = True  # read by F.embedding at every forward
                 self._buffers[module] = torch.empty(0)
+                self._dirty[module] = []
+                self._hooks.append(module.weight.register_hook(self._recorder(module)))
+
+    def _recorder(self, module: nn.Embedding) -> Callable[[torch.Tensor], None]:
+        dirty = self._dirty[module]
+
+        def record(grad: torch.Tensor) -> None:
+            if grad.is_sparse:
+                dirty.append(grad._indices()[0])
+            else:  # a dense gradient can touch any row: clear the whole buffer next time
+                dirty.append(torch.arange(module.num_embeddings, device=grad.device))
+
+        return record
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for module in self._buffers:
@@ -70,16 +98,49 @@ class EmbeddingGradBuffer(pl.Callback):
             if grad is None or not grad.is_sparse:
                 continue  # no part in this step, or already the buffer (accumulation)
             buffer = self._buffers[module]
+            dirty = self._dirty[module]
+            rows = grad._indices()[0]
             if (
                 buffer.shape != weight.shape
                 or buffer.dtype != grad.dtype
                 or buffer.device != grad.device
             ):
-                buffer = self._buffers[module] = torch.empty_like(weight, dtype=grad.dtype)
-            buffer.zero_().index_add_(0, grad._indices()[0], grad._values())
+                buffer = self._buffers[module] = torch.zeros_like(weight, dtype=grad.dtype)
+            else:  # the rows written since the last clear, this step's among them
+                buffer.index_fill_(0, torch.cat(dirty), 0)
+            dirty[:] = [rows]  # later micro-batches of this step append theirs
+            buffer.index_add_(0, rows, grad._values())
             weight.grad = buffer
+
+    def total_grad_norm(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The 2-norm of all of ``params``' gradients together, as
+        ``torch.nn.utils.get_total_norm``; a buffered table's part comes from its written rows."""
+        rows_of = {
+            id(m.weight): dirty
+            for m, dirty in self._dirty.items()
+            if dirty and m.weight.grad is self._buffers[m]
+        }
+        parts, others = [], []
+        for p in params:
+            if p.grad is None:
+                continue
+            dirty = rows_of.get(id(p))
+            if dirty is None:
+                others.append(p.grad)
+            else:
+                rows = torch.unique(torch.cat(dirty))
+                parts.append(torch.linalg.vector_norm(p.grad.index_select(0, rows)))
+        if others:
+            parts.append(torch.nn.utils.get_total_norm(others, foreach=True))
+        if not parts:
+            return torch.tensor(0.0)
+        return torch.linalg.vector_norm(torch.stack([t.float() for t in parts]))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for module in self._buffers:
             module.sparse = False
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
         self._buffers.clear()
+        self._dirty.clear()
