@@ -11,6 +11,8 @@ import torch
 from pytorch_lightning import Callback, LightningModule
 
 from nlp_transfer.builders import build_datamodule, build_encoder
+from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.data.padding import pad_to
 from nlp_transfer.data.sampler import LengthGroupedBatchSampler, lengths_of, padding_stats
 from nlp_transfer.train import train
 
@@ -32,6 +34,27 @@ def test_grouped_loader_covers_each_example_once_with_less_padding(make_cfg, dat
     assert grouped < shuffled
     seen = sum(len(batch["input_ids"]) for batch in loader)
     assert seen == n
+
+
+def test_megabatch_mult_reaches_the_sampler_and_bad_values_are_refused(make_cfg) -> None:
+    cfg = make_cfg("data=demo_ner", "data.length_grouping=true", "data.megabatch_mult=3")
+    dm = build_datamodule(cfg, build_encoder(cfg))
+    dm.setup("fit")
+    assert dm.train_dataloader().batch_sampler.megabatch_mult == 3
+    for bad in ("0", "2.5", "true"):
+        cfg = make_cfg("data=demo_ner", f"data.megabatch_mult={bad}")
+        with pytest.raises(Exception, match="data.megabatch_mult") as info:
+            build_datamodule(cfg, build_encoder(cfg))
+        assert isinstance(info.value, ConfigError) or isinstance(info.value.__cause__, ConfigError)
+
+
+def test_pad_to_pads_lists_and_tensors_to_the_longest_or_a_given_width() -> None:
+    rows = [[1, 2, 3], torch.tensor([4]), []]
+    assert pad_to(rows, 0).tolist() == [[1, 2, 3], [4, 0, 0], [0, 0, 0]]
+    assert pad_to(rows, -1, width=4).tolist() == [[1, 2, 3, -1], [4, -1, -1, -1], [-1] * 4]
+    assert pad_to(rows, 0).dtype == torch.long
+    assert pad_to([], 0).shape == (0, 0)
+    assert pad_to([[], []], 5).shape == (2, 0)
 
 
 class RecordSampler(Callback):

@@ -97,11 +97,16 @@ class TransferDataModule(LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "tokenized"
         self.cache_tokenization = cache_tokenization
         self.length_grouping = bool(length_grouping)
-        if int(megabatch_mult) < 1:
+        if (
+            isinstance(megabatch_mult, bool)
+            or not isinstance(megabatch_mult, int)
+            or megabatch_mult < 1
+        ):
             raise ConfigError(
-                f"data.megabatch_mult must be a whole number >= 1, got {megabatch_mult!r}"
+                f"data.megabatch_mult must be a whole number >= 1 (batches per length-sorted "
+                f"megabatch, default 50), got {megabatch_mult!r}"
             )
-        self.megabatch_mult = int(megabatch_mult)
+        self.megabatch_mult = megabatch_mult
         self.vocab: LabelVocab | None = None
         self.examples: dict[str, list[Any]] = {}
         self.datasets: dict[str, Dataset] = {}
