@@ -48,12 +48,24 @@ class _Bag(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
 
 
-def _fit(callbacks: list[pl.Callback], accumulate: int = 1, strategy: str = "auto") -> _Bag:
+class _BagZeroing(_Bag):
+    """Zeroes gradients in place instead of dropping them (``set_to_none=False``)."""
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: object) -> None:
+        optimizer.zero_grad(set_to_none=False)  # type: ignore[attr-defined]
+
+
+def _fit(
+    callbacks: list[pl.Callback],
+    accumulate: int = 1,
+    strategy: str = "auto",
+    model_class: type[_Bag] = _Bag,
+) -> _Bag:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 5000, (48, 6), generator=g)
     ids[:, 4:] = 0  # padding rows get no gradient in either path
     data = TensorDataset(ids, torch.randint(0, 3, (48,), generator=g))
-    model = _Bag()
+    model = model_class()
     trainer = quiet_trainer(
         max_epochs=2,
         callbacks=callbacks,
@@ -75,6 +87,18 @@ def test_same_updates_as_dense_gradients(accumulate: int) -> None:
     assert len(set(buffered.grad_ptrs)) == 1  # one buffer for every step
     # clipping's norm, read from the written rows only, is the norm of the whole gradient
     assert len(buffered.norm_pairs) == 12 // accumulate
+    for fast, full in buffered.norm_pairs:
+        assert fast == pytest.approx(full, rel=1e-6)
+
+
+def test_in_place_zeroing_keeps_updates_and_bounds_the_row_record() -> None:
+    """With zero_grad(set_to_none=False) the buffer stays the gradient and is zeroed by the
+    optimizer; the record of written rows must not grow without bound."""
+    callback = EmbeddingGradBuffer(min_rows=1000)
+    dense = _fit([], model_class=_BagZeroing)
+    buffered = _fit([callback], model_class=_BagZeroing)
+    for a, b in zip(dense.parameters(), buffered.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
     for fast, full in buffered.norm_pairs:
         assert fast == pytest.approx(full, rel=1e-6)
 
@@ -106,6 +130,12 @@ def test_only_written_rows_are_cleared_and_stale_rows_would_show() -> None:
     buffer[100] = 7.0  # written by the dense step in this scenario
     callback.on_after_backward(None, model)  # type: ignore[arg-type]
     assert model.emb.weight.grad.abs().sum() == 8
+    # backward passes that are never densified (the gradient is already dense) add rows;
+    # past the table's size the record collapses to "every row"
+    for _ in range(300):
+        model.emb(torch.arange(1, 41)[None]).sum().backward()
+    dirty = callback._dirty[model.emb]
+    assert sum(len(r) for r in dirty) <= model.emb.num_embeddings
 
 
 def test_single_process_ddp_trains_with_the_callback_configured() -> None:

@@ -84,10 +84,11 @@ class EmbeddingGradBuffer(pl.Callback):
         dirty = self._dirty[module]
 
         def record(grad: torch.Tensor) -> None:
-            if grad.is_sparse:
-                dirty.append(grad._indices()[0])
-            else:  # a dense gradient can touch any row: clear the whole buffer next time
-                dirty.append(torch.arange(module.num_embeddings, device=grad.device))
+            rows = grad._indices()[0] if grad.is_sparse else None
+            if rows is not None and sum(len(r) for r in dirty) + len(rows) <= module.num_embeddings:
+                dirty.append(rows)
+            else:  # a dense gradient, or more rows than the table: clear it all next time
+                dirty[:] = [torch.arange(module.num_embeddings, device=grad.device)]
 
         return record
 
