@@ -32,6 +32,7 @@ import json
 import os
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -642,6 +643,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def paired_ratios(runs: list[dict[str, Any]], specs: list[dict[str, Any]]) -> list[str]:
+    """Per round, the fastest HF run's train s over each template run's (same round, so the
+    same machine state), and the median over rounds: less sensitive to drifting load than
+    the ratio of each side's fastest run."""
+    rounds = sorted({x["round"] for x in runs})
+    hf_best = {}
+    for r in rounds:
+        hf = [x["train_s"] for x in runs if x["round"] == r and x["kind"] == "hf"]
+        if hf:
+            hf_best[r] = min(hf)
+    lines = []
+    for spec in specs:
+        if spec["kind"] != "template":
+            continue
+        ratios = [
+            hf_best[x["round"]] / x["train_s"]
+            for x in runs
+            if x["label"] == spec["label"] and x["round"] in hf_best and x["train_s"] > 0
+        ]
+        if ratios:
+            each = ", ".join(f"{v:.2f}" for v in ratios)
+            lines.append(
+                f"  {spec['label']}: speed vs HF best per round {each}; "
+                f"median {statistics.median(ratios):.2f}x"
+            )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
@@ -709,6 +738,8 @@ def main(argv: list[str] | None = None) -> None:
         for spec in specs:
             times = [f"{x['train_s']:.1f}" for x in runs if x["label"] == spec["label"]]
             print(f"  {spec['label']}: train s of each repeat {', '.join(times)} (table: fastest)")
+        for line in paired_ratios(runs, specs):
+            print(line)
     n = rows[0]["params_nonembedding"]
     print(
         f"\nMFU = 6 x N x tokens/s / bf16 peak, N = {n:,} non-embedding parameters "
