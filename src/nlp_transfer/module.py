@@ -24,6 +24,7 @@ from nlp_transfer.metrics.classification import PerClassReport, classification_m
 from nlp_transfer.metrics.entity import EntityF1
 from nlp_transfer.strategies.base import TrainableSpec, TransferStrategy
 from nlp_transfer.training.embedding_grad import EmbeddingGradBuffer
+from nlp_transfer.training.grad_norm import total_norm
 
 log = logging.getLogger(__name__)
 
@@ -452,7 +453,7 @@ class TransferModule(LightningModule):
                 if buffer is not None:  # reads only the written rows of embedding gradients
                     norm = buffer.total_grad_norm(params)
                 else:
-                    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+                    norm = total_norm([p.grad for p in params])
                 coef = (float(gradient_clip_val) / (norm + 1e-6)).clamp(max=1.0)
                 optimizer.grad_scale = coef.reciprocal().float()  # type: ignore[attr-defined]
             return

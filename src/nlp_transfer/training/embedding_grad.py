@@ -36,6 +36,8 @@ import torch
 from pytorch_lightning.strategies import SingleDeviceStrategy
 from torch import nn
 
+from nlp_transfer.training.grad_norm import total_norm
+
 log = logging.getLogger(__name__)
 
 
@@ -114,28 +116,23 @@ class EmbeddingGradBuffer(pl.Callback):
             weight.grad = buffer
 
     def total_grad_norm(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The 2-norm of all of ``params``' gradients together, as
-        ``torch.nn.utils.get_total_norm``; a buffered table's part comes from its written rows."""
+        """The 2-norm of all of ``params``' gradients together (:func:`total_norm`); a
+        buffered table's part comes from its written rows."""
         rows_of = {
             id(m.weight): dirty
             for m, dirty in self._dirty.items()
             if dirty and m.weight.grad is self._buffers[m]
         }
-        parts, others = [], []
+        parts = []
         for p in params:
             if p.grad is None:
                 continue
             dirty = rows_of.get(id(p))
             if dirty is None:
-                others.append(p.grad)
+                parts.append(p.grad)
             else:
-                rows = torch.unique(torch.cat(dirty))
-                parts.append(torch.linalg.vector_norm(p.grad.index_select(0, rows)))
-        if others:
-            parts.append(torch.nn.utils.get_total_norm(others, foreach=True))
-        if not parts:
-            return torch.tensor(0.0)
-        return torch.linalg.vector_norm(torch.stack([t.float() for t in parts]))
+                parts.append(p.grad.index_select(0, torch.unique(torch.cat(dirty))))
+        return total_norm(parts)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for module in self._buffers:
