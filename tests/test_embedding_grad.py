@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import types
 
 import pytest
@@ -192,3 +193,24 @@ def test_a_table_without_gradient_gets_none_not_zeros() -> None:
     grad = model.emb.weight.grad
     assert not grad.is_sparse and grad[3].tolist() == [2.0] * 8 and grad[7].tolist() == [1.0] * 8
     assert grad.abs().sum() == 3 * 8
+
+
+def test_a_failed_fit_restores_dense_gradients_and_removes_hooks() -> None:
+    """Lightning calls on_exception, not teardown, when fit fails."""
+    model = _Bag()
+    callback = EmbeddingGradBuffer(min_rows=1000)
+    _setup(callback, model, CPU)
+    assert model.emb.sparse and model.emb.weight._backward_hooks
+    callback.on_exception(None, model, RuntimeError("boom"))  # type: ignore[arg-type]
+    assert not model.emb.sparse and not model.emb.weight._backward_hooks
+    model.emb(torch.tensor([[1, 2]])).sum().backward()
+    assert not model.emb.weight.grad.is_sparse
+
+
+def test_a_model_with_the_callback_set_up_still_pickles() -> None:
+    """The gradient hook is a closure: it must not make the model unpicklable mid-fit."""
+    model = _Bag()
+    callback = EmbeddingGradBuffer(min_rows=1000)
+    _setup(callback, model, CPU)
+    restored = pickle.loads(pickle.dumps(model))
+    assert torch.equal(restored.emb.weight, model.emb.weight)

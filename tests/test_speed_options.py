@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 import torch
 from pytorch_lightning import Callback, LightningModule
@@ -41,7 +42,9 @@ def test_megabatch_mult_reaches_the_sampler_and_bad_values_are_refused(make_cfg)
     dm = build_datamodule(cfg, build_encoder(cfg))
     dm.setup("fit")
     assert dm.train_dataloader().batch_sampler.megabatch_mult == 3
-    for bad in ("0", "2.5", "true"):
+    cfg = make_cfg("data=demo_ner", "data.megabatch_mult=100.0")
+    assert build_datamodule(cfg, build_encoder(cfg)).megabatch_mult == 100
+    for bad in ("0", "2.5", "true", "many"):
         cfg = make_cfg("data=demo_ner", f"data.megabatch_mult={bad}")
         with pytest.raises(Exception, match="data.megabatch_mult") as info:
             build_datamodule(cfg, build_encoder(cfg))
@@ -55,6 +58,10 @@ def test_pad_to_pads_lists_and_tensors_to_the_longest_or_a_given_width() -> None
     assert pad_to(rows, 0).dtype == torch.long
     assert pad_to([], 0).shape == (0, 0)
     assert pad_to([[], []], 5).shape == (2, 0)
+    assert pad_to([np.array([7, 8]), (9,)], 0).tolist() == [[7, 8], [9, 0]]
+    assert isinstance(pad_to([np.array([7])], 0)[0, 0].item(), int)
+    with pytest.raises(ValueError, match="does not fit the padded width 2"):
+        pad_to([[1, 2, 3]], 0, width=2)
 
 
 class RecordSampler(Callback):

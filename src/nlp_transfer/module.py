@@ -103,7 +103,6 @@ class TransferModule(LightningModule):
         self.log_grad_norm = log_grad_norm
         self.check_finite_loss = check_finite_loss
         self.embedding_grad_buffer = embedding_grad_buffer and not compile_encoder
-        self._grad_buffer: EmbeddingGradBuffer | None = None  # set by configure_callbacks
         self.run_config = run_config or {}
         self.strategy = strategy
         self._build_metrics()
@@ -422,8 +421,7 @@ class TransferModule(LightningModule):
 
     def configure_callbacks(self) -> list[Callback]:
         # model-owned: a speed setting that must not vanish with callbacks=none
-        self._grad_buffer = EmbeddingGradBuffer() if self.embedding_grad_buffer else None
-        return [self._grad_buffer] if self._grad_buffer is not None else []
+        return [EmbeddingGradBuffer()] if self.embedding_grad_buffer else []
 
     def configure_gradient_clipping(
         self,
@@ -449,7 +447,9 @@ class TransferModule(LightningModule):
             if gradient_clip_algorithm == "value":
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
             elif params:
-                buffer = getattr(self, "_grad_buffer", None)
+                # looked up, not kept on the module: the callback's hooks do not pickle
+                callbacks = getattr(self._trainer, "callbacks", None) or []
+                buffer = next((c for c in callbacks if isinstance(c, EmbeddingGradBuffer)), None)
                 if buffer is not None:  # reads only the written rows of embedding gradients
                     norm = buffer.total_grad_norm(params)
                 else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +38,23 @@ def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
         "vocab_size": len(tokenizer),
         "lower": bool(getattr(tokenizer, "do_lower_case", False)),
     }
+
+
+def check_megabatch_mult(value: Any) -> int:
+    """``data.megabatch_mult`` as an int >= 1 (``100`` and ``100.0`` pass; ``2.5``, ``0``,
+    ``true`` fail)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise ConfigError(
+            f"data.megabatch_mult must be a whole number >= 1 (batches per length-sorted megabatch, "
+            f"default 50), got {value!r}"
+        )
+    return number
 
 
 def stable_hash(obj: Any) -> str:
@@ -97,16 +115,7 @@ class TransferDataModule(LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "tokenized"
         self.cache_tokenization = cache_tokenization
         self.length_grouping = bool(length_grouping)
-        if (
-            isinstance(megabatch_mult, bool)
-            or not isinstance(megabatch_mult, int)
-            or megabatch_mult < 1
-        ):
-            raise ConfigError(
-                f"data.megabatch_mult must be a whole number >= 1 (batches per length-sorted "
-                f"megabatch, default 50), got {megabatch_mult!r}"
-            )
-        self.megabatch_mult = megabatch_mult
+        self.megabatch_mult = check_megabatch_mult(megabatch_mult)
         self.vocab: LabelVocab | None = None
         self.examples: dict[str, list[Any]] = {}
         self.datasets: dict[str, Dataset] = {}

@@ -14,7 +14,7 @@ The callback also knows which rows of the buffer can be non-zero: the rows of ev
 gradient since the buffer was last cleared (recorded by a gradient hook, so micro-batches
 that autograd adds straight into the buffer under gradient accumulation count too). The
 next step clears only those rows instead of the whole table, and :meth:`grad_norms` reads
-only those rows for gradient clipping: the same values (every other row is zero), without
+only those rows for gradient clipping (:meth:`total_grad_norm`): the same values (every other row is zero), without
 two full passes over a 47 MB buffer per step. Code that writes into the gradient of rows a
 batch did not touch (gradient noise, for example) breaks that assumption; set
 ``model.embedding_grad_buffer=false`` for it. Scaling or clipping gradients keeps zeros
@@ -86,10 +86,10 @@ class EmbeddingGradBuffer(pl.Callback):
         dirty = self._dirty[module]
 
         def record(grad: torch.Tensor) -> None:
-            rows = grad._indices()[0] if grad.is_sparse else None
-            if rows is not None and sum(len(r) for r in dirty) + len(rows) <= module.num_embeddings:
+            rows = grad._indices()[0].unique() if grad.is_sparse else None
+            if rows is not None and sum(len(r) for r in dirty) + len(rows) < module.num_embeddings:
                 dirty.append(rows)
-            else:  # a dense gradient, or more rows than the table: clear it all next time
+            else:  # a dense gradient, or as many rows as the table: clear it all next time
                 dirty[:] = [torch.arange(module.num_embeddings, device=grad.device)]
 
         return record
@@ -111,7 +111,7 @@ class EmbeddingGradBuffer(pl.Callback):
                 buffer = self._buffers[module] = torch.zeros_like(weight, dtype=grad.dtype)
             else:  # the rows written since the last clear, this step's among them
                 buffer.index_fill_(0, torch.cat(dirty), 0)
-            dirty[:] = [rows]  # later micro-batches of this step append theirs
+            dirty[:] = [rows.unique()]  # later micro-batches of this step append theirs
             buffer.index_add_(0, rows, grad._values())
             weight.grad = buffer
 
@@ -121,7 +121,9 @@ class EmbeddingGradBuffer(pl.Callback):
         rows_of = {
             id(m.weight): dirty
             for m, dirty in self._dirty.items()
-            if dirty and m.weight.grad is self._buffers[m]
+            if dirty
+            and m.weight.grad is self._buffers[m]
+            and sum(len(r) for r in dirty) < m.num_embeddings  # else: the whole table
         }
         parts = []
         for p in params:
@@ -135,6 +137,15 @@ class EmbeddingGradBuffer(pl.Callback):
         return total_norm(parts)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore()  # Lightning does not call teardown when fit fails
+
+    def _restore(self) -> None:
+        """Dense gradients again, hooks removed, buffers dropped."""
         for module in self._buffers:
             module.sparse = False
         for hook in self._hooks:

@@ -16,19 +16,35 @@ import torch
 _DOT_DTYPES = (torch.float32, torch.float64)
 
 
-def squared_norm(t: torch.Tensor) -> torch.Tensor:
-    """``sum(t**2)`` as a 0-d fp32/fp64 tensor."""
-    if t.dtype in _DOT_DTYPES and t.is_contiguous() and t.numel() > 0 and not t.is_sparse:
-        flat = t.view(-1)
-        return torch.dot(flat, flat)
-    if t.is_sparse:
-        t = t.coalesce().values()
-    return torch.linalg.vector_norm(t, dtype=torch.float32).square()
+def _dot_friendly(t: torch.Tensor) -> bool:
+    return (
+        t.device.type == "cpu"
+        and not t.is_sparse
+        and t.dtype in _DOT_DTYPES
+        and t.is_contiguous()
+        and t.numel() > 0
+    )
 
 
 def total_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """2-norm of all ``tensors`` together (0 for none), as an fp32 0-d tensor."""
-    squares = [squared_norm(t).float() for t in tensors]
+    """2-norm of all ``tensors`` together (0 for none), as an fp32 0-d tensor.
+
+    Dense contiguous fp32/fp64 CPU tensors go through ``torch.dot``, other CPU tensors
+    (bf16, strided, sparse) through an fp32 ``vector_norm``, and tensors on other devices
+    through ``torch.nn.utils.get_total_norm`` (its foreach kernels are fast there).
+    """
+    tensors = list(tensors)
+    squares = [torch.dot(t.view(-1), t.view(-1)).float() for t in tensors if _dot_friendly(t)]
+    rest = [t.coalesce().values() if t.is_sparse else t for t in tensors if not _dot_friendly(t)]
+    rest = [t for t in rest if t.numel() > 0]
+    squares += [
+        torch.linalg.vector_norm(t, dtype=torch.float32).square()
+        for t in rest
+        if t.device.type == "cpu"
+    ]
+    elsewhere = [t for t in rest if t.device.type != "cpu"]
+    if elsewhere:
+        squares.append(torch.nn.utils.get_total_norm(elsewhere).float().square().cpu())
     if not squares:
         return torch.tensor(0.0)
     return torch.stack(squares).sum().sqrt()
