@@ -447,3 +447,37 @@ def test_resume_mid_epoch_is_exact_with_either_sampler(tmp_path: Path, grouping:
     log = resumed.stderr + resumed.stdout + (run / "train.log").read_text(encoding="utf-8")
     assert "resume: epoch 1 continues after 10 trained batches" in log
     _assert_same_result(kept, run, f"step_{2 * STEPS_PER_EPOCH:08d}.ckpt")
+
+
+def test_resume_keeps_the_checkpoints_megabatch_mult(caplog: pytest.LogCaptureFixture) -> None:
+    """The interrupted epoch's batches depend on data.megabatch_mult: a resume keeps the
+    checkpoint's value (with a warning) even when the config now says otherwise."""
+    from types import SimpleNamespace
+
+    from nlp_transfer.data.sampler import LengthGroupedBatchSampler
+    from nlp_transfer.training.loop_state import ResumeState
+
+    lengths = list(range(1, 41))
+    first = LengthGroupedBatchSampler(lengths=lengths, batch_size=4, megabatch_mult=3, seed=1)
+    progress = SimpleNamespace(current=SimpleNamespace(processed=2))
+    trainer = SimpleNamespace(
+        train_dataloader=SimpleNamespace(batch_sampler=first),
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
+        num_training_batches=len(first),
+        current_epoch=0,
+    )
+    saving = ResumeState(seed=1)
+    saving._trainer = trainer  # type: ignore[assignment]
+    state = saving.state_dict()
+    assert state["megabatch_mult"] == 3
+
+    second = LengthGroupedBatchSampler(lengths=lengths, batch_size=4, megabatch_mult=50, seed=1)
+    trainer.train_dataloader = SimpleNamespace(batch_sampler=second)
+    resuming = ResumeState(seed=1)
+    resuming.load_state_dict(state)
+    with caplog.at_level("WARNING"):
+        resuming._prepare_grouped(trainer)  # type: ignore[arg-type]
+    assert second.megabatch_mult == 3
+    assert "megabatch_mult=3" in caplog.text
+    first.set_epoch(0)
+    assert next(iter(second)) == first.batches()[2]  # continues after the 2 trained batches

@@ -166,6 +166,8 @@ class ResumeState(Callback):
         self._trainer: Trainer | None = None
         self._pending_position: dict[str, int] | None = None
         self._pending_rng: dict[str, Any] | None = None
+        # a checkpoint's data.megabatch_mult: its epoch's batches depend on it
+        self._saved_megabatch_mult: int | None = None
 
     # -- wiring -----------------------------------------------------------------------------
     def attach(self, datamodule: LightningDataModule) -> None:
@@ -257,6 +259,9 @@ class ResumeState(Callback):
                 batches_done=int(loop.epoch_loop.batch_progress.current.processed),
                 num_batches=int(total) if math.isfinite(total) else -1,
             )
+            batch_sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+            if isinstance(batch_sampler, LengthGroupedBatchSampler):
+                state["megabatch_mult"] = int(batch_sampler.megabatch_mult)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -266,6 +271,8 @@ class ResumeState(Callback):
         replicas, rank = _world()
         if per_rank and len(per_rank) == replicas:
             self._pending_rng = per_rank[rank]
+        if state_dict.get("megabatch_mult") is not None:
+            self._saved_megabatch_mult = int(state_dict["megabatch_mult"])
         if "epoch" in state_dict:
             self._pending_position = {
                 k: int(state_dict[k]) for k in ("epoch", "batches_done", "num_batches")
@@ -285,6 +292,16 @@ class ResumeState(Callback):
         if not isinstance(batch_sampler, LengthGroupedBatchSampler):
             return
         batch_sampler.seed = self.seed
+        saved = self._saved_megabatch_mult
+        if saved is not None and saved != batch_sampler.megabatch_mult:
+            log.warning(
+                "resume: the checkpoint's run used data.megabatch_mult=%d, this one %d; "
+                "keeping %d so that the resumed run sees the batches the plan had",
+                saved,
+                batch_sampler.megabatch_mult,
+                saved,
+            )
+            batch_sampler.megabatch_mult = saved
         if self._pending_position is None:
             return
         epoch, done = self._take_position()
