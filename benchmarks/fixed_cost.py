@@ -24,21 +24,13 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_vs_template import StepTimer, compose_train_config
+from hf_vs_template import StepTimer, compose_train_config, train_with_timer
 
 
 def step_ms(overrides: list[str], warmup: int, workdir: Path) -> dict[str, float]:
     """Per-phase ms of ``train(cfg)`` after ``warmup`` steps (Lightning hooks included)."""
-    import nlp_transfer.train as train_module
-
-    cfg = compose_train_config(overrides, workdir)
     timer = StepTimer(skip_first=warmup)
-    build_callbacks = train_module.build_callbacks
-    train_module.build_callbacks = lambda c: [*build_callbacks(c), timer]
-    try:
-        train_module.train(cfg)
-    finally:
-        train_module.build_callbacks = build_callbacks
+    train_with_timer(compose_train_config(overrides, workdir), timer)
     return timer.summary()["ms_per_step"]
 
 

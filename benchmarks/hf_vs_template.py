@@ -420,6 +420,18 @@ def compose_train_config(overrides: list[str], workdir: Path, run: str = "run") 
     return cfg
 
 
+def train_with_timer(cfg: Any, timer: StepTimer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``nlp_transfer.train.train(cfg)`` with ``timer`` added to the config's callbacks."""
+    import nlp_transfer.train as train_module
+
+    build = train_module.build_callbacks
+    train_module.build_callbacks = lambda c: [*build(c), timer]
+    try:
+        return train_module.train(cfg)
+    finally:
+        train_module.build_callbacks = build
+
+
 def run_template(variant: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """``nlp_transfer.train.train(cfg)`` with a timing callback added to the config's."""
     import nlp_transfer.train as train_module
@@ -431,12 +443,7 @@ def run_template(variant: str, args: argparse.Namespace, workdir: Path) -> dict[
         train_module.train(compose_train_config(overrides, workdir, "warmup"))
     cfg = compose_train_config(overrides, workdir)
     timer = StepTimer()
-    build = train_module.build_callbacks
-    train_module.build_callbacks = lambda c: [*build(c), timer]
-    try:
-        metrics, objects = train_module.train(cfg)
-    finally:
-        train_module.build_callbacks = build
+    metrics, objects = train_with_timer(cfg, timer)
     module, datamodule = objects["module"], objects["datamodule"]
     key = "val/f1" if args.task == "conll2003" else "val/acc"
     summary = timer.summary()

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_vs_template import StepTimer, compose_train_config
+from hf_vs_template import StepTimer, compose_train_config, train_with_timer
 
 IMPLEMENTATIONS: dict[str, dict[str, bool]] = {
     "for-loop (default)": {"foreach": False, "fused": False},
@@ -183,17 +183,10 @@ def optimizer_only(module: Any, repeats: int) -> list[tuple[str, str, int, float
 
 def lightning_phases(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Per-phase ms of the real ``train(cfg)`` (Lightning hooks), warm-up steps excluded."""
-    import nlp_transfer.train as train_module
-
     n_train = (args.warmup + args.steps) * 32
     cfg = compose_train_config(overrides(args, n_train), workdir / "lightning")
     timer = StepTimer(skip_first=args.warmup)
-    build_callbacks = train_module.build_callbacks
-    train_module.build_callbacks = lambda c: [*build_callbacks(c), timer]
-    try:
-        train_module.train(cfg)
-    finally:
-        train_module.build_callbacks = build_callbacks
+    train_with_timer(cfg, timer)
     return timer.summary()
 
 

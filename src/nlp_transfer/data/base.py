@@ -20,7 +20,11 @@ from torch.utils.data import DataLoader
 from nlp_transfer.data.errors import ConfigError, DataError
 from nlp_transfer.data.labels import LabelVocab
 from nlp_transfer.data.readers import find_split_file
-from nlp_transfer.data.sampler import LengthGroupedBatchSampler, lengths_of
+from nlp_transfer.data.sampler import (
+    DEFAULT_MEGABATCH_MULT,
+    LengthGroupedBatchSampler,
+    lengths_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +55,8 @@ def check_megabatch_mult(value: Any) -> int:
         number = None
     if number is None or number < 1:
         raise ConfigError(
-            f"data.megabatch_mult must be a whole number >= 1 (batches per length-sorted megabatch, "
-            f"default 50), got {value!r}"
+            "data.megabatch_mult must be a whole number >= 1 (batches per length-sorted "
+            f"megabatch, default {DEFAULT_MEGABATCH_MULT}), got {value!r}"
         )
     return number
 
@@ -95,7 +99,7 @@ class TransferDataModule(LightningDataModule):
         cache_dir: str | None = None,
         cache_tokenization: bool = True,
         length_grouping: bool = False,
-        megabatch_mult: int = 50,
+        megabatch_mult: int = DEFAULT_MEGABATCH_MULT,
     ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
@@ -321,7 +325,7 @@ def grouped_loader(
     collate: Collate,
     num_workers: int = 0,
     shuffle: bool = True,
-    megabatch_mult: int = 50,
+    megabatch_mult: int = DEFAULT_MEGABATCH_MULT,
 ) -> DataLoader:
     """Batches of similar-length examples in a seeded random order (less padding); DDP-aware
     and resumable mid-epoch (see :mod:`nlp_transfer.data.sampler`). The seed defaults to the

@@ -51,6 +51,9 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, Sampler
 
+# batches per length-sorted megabatch unless configured (``data.megabatch_mult``): HF's value
+DEFAULT_MEGABATCH_MULT = 50
+
 
 def _world() -> tuple[int, int]:
     """``(num_replicas, rank)`` of the default process group, ``(1, 0)`` without one."""
@@ -106,7 +109,7 @@ class LengthGroupedBatchSampler(BatchSampler):
         seed: int | None = None,
         shuffle: bool = True,
         drop_last: bool = False,
-        megabatch_mult: int = 50,
+        megabatch_mult: int = DEFAULT_MEGABATCH_MULT,
         longest_first: bool = True,
     ) -> None:
         if batch_size < 1:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from nlp_transfer.data.base import TransferDataModule, grouped_loader, overfitting
 from nlp_transfer.data.errors import ConfigError
-from nlp_transfer.data.sampler import lengths_of
+from nlp_transfer.data.sampler import DEFAULT_MEGABATCH_MULT, lengths_of
 from nlp_transfer.encoders.base import Encoder
 from nlp_transfer.features.cache import FeatureCache
 from nlp_transfer.features.extract import (
@@ -232,7 +232,7 @@ class CachedFeatureDataModule(LightningDataModule):
                 self._collate(),
                 self.wrapped.num_workers,
                 shuffle=not overfitting(self),
-                megabatch_mult=getattr(self.wrapped, "megabatch_mult", 50),
+                megabatch_mult=getattr(self.wrapped, "megabatch_mult", DEFAULT_MEGABATCH_MULT),
             )
         return self._loader("train", True, self.wrapped.batch_size)
 

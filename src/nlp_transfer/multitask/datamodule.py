@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from nlp_transfer.data.base import Collate, TransferDataModule
 from nlp_transfer.data.errors import ConfigError
-from nlp_transfer.data.sampler import lengths_of
+from nlp_transfer.data.sampler import DEFAULT_MEGABATCH_MULT, lengths_of
 from nlp_transfer.multitask.sampling import (
     GroupedShardSampler,
     ShardSampler,
@@ -276,7 +276,7 @@ class MultiTaskDataModule(LightningDataModule):
                     world,
                     self.seed,
                     index,
-                    megabatch_mult=getattr(dm, "megabatch_mult", 50),
+                    megabatch_mult=getattr(dm, "megabatch_mult", DEFAULT_MEGABATCH_MULT),
                 )
                 shards[name] = grouped
                 loaders[name] = DataLoader(ds, batch_sampler=grouped, **kwargs)

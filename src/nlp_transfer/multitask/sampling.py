@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Sampler
 
 from nlp_transfer.data.errors import ConfigError
-from nlp_transfer.data.sampler import LengthGroupedBatchSampler
+from nlp_transfer.data.sampler import DEFAULT_MEGABATCH_MULT, LengthGroupedBatchSampler
 
 POLICIES = ("proportional", "temperature", "round_robin")
 
@@ -98,7 +98,7 @@ class GroupedShardSampler(LengthGroupedBatchSampler):
         world_size: int = 1,
         seed: int = 0,
         task_index: int = 0,
-        megabatch_mult: int = 50,
+        megabatch_mult: int = DEFAULT_MEGABATCH_MULT,
     ) -> None:
         super().__init__(
             lengths=lengths,

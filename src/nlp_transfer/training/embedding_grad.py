@@ -13,9 +13,9 @@ is unchanged (exact AdamW, not a lazy variant).
 The callback also knows which rows of the buffer can be non-zero: the rows of every sparse
 gradient since the buffer was last cleared (recorded by a gradient hook, so micro-batches
 that autograd adds straight into the buffer under gradient accumulation count too). The
-next step clears only those rows instead of the whole table, and :meth:`grad_norms` reads
-only those rows for gradient clipping (:meth:`total_grad_norm`): the same values (every other row is zero), without
-two full passes over a 47 MB buffer per step. Code that writes into the gradient of rows a
+next step clears only those rows instead of the whole table, and :meth:`total_grad_norm`
+reads only those rows for gradient clipping: the same values (every other row is zero),
+without two full passes over a 47 MB buffer per step. Code that writes into the gradient of rows a
 batch did not touch (gradient noise, for example) breaks that assumption; set
 ``model.embedding_grad_buffer=false`` for it. Scaling or clipping gradients keeps zeros
 zero and is fine.
@@ -111,6 +111,8 @@ class EmbeddingGradBuffer(pl.Callback):
                 buffer = self._buffers[module] = torch.zeros_like(weight, dtype=grad.dtype)
             else:  # the rows written since the last clear, this step's among them
                 buffer.index_fill_(0, torch.cat(dirty), 0)
+            # from the gradient itself, not the hook's record: also right for a gradient set
+            # without a backward pass
             dirty[:] = [rows.unique()]  # later micro-batches of this step append theirs
             buffer.index_add_(0, rows, grad._values())
             weight.grad = buffer
