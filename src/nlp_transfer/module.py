@@ -23,7 +23,7 @@ from nlp_transfer.encoders.fast_dropout import swap_dropout
 from nlp_transfer.metrics.classification import PerClassReport, classification_metrics
 from nlp_transfer.metrics.entity import EntityF1
 from nlp_transfer.strategies.base import TrainableSpec, TransferStrategy
-from nlp_transfer.training.embedding_grad import EmbeddingGradBuffer
+from nlp_transfer.training.embedding_grad import EmbeddingGradBuffer, uses_lazy_optimizer
 from nlp_transfer.training.grad_norm import total_norm
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ class TransferModule(LightningModule):
             has set it up.
         embedding_grad_buffer: vocabulary embeddings add their gradient into one reused
             buffer (:class:`EmbeddingGradBuffer`, single-process CPU runs, not compiled).
+            With ``optimizer=lazy_adamw`` the same callback keeps their gradients sparse
+            whatever this flag says (not compiled).
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class TransferModule(LightningModule):
         self.log_grad_norm = log_grad_norm
         self.check_finite_loss = check_finite_loss
         self.embedding_grad_buffer = embedding_grad_buffer and not compile_encoder
+        self.lazy_embeddings = uses_lazy_optimizer(self) and not compile_encoder
         self.run_config = run_config or {}
         self.strategy = strategy
         self._build_metrics()
@@ -421,7 +424,8 @@ class TransferModule(LightningModule):
 
     def configure_callbacks(self) -> list[Callback]:
         # model-owned: a speed setting that must not vanish with callbacks=none
-        return [EmbeddingGradBuffer()] if self.embedding_grad_buffer else []
+        wanted = self.embedding_grad_buffer or self.lazy_embeddings
+        return [EmbeddingGradBuffer()] if wanted else []
 
     def configure_gradient_clipping(
         self,

@@ -38,6 +38,7 @@ from nlp_transfer.metrics.entity import EntityF1
 from nlp_transfer.module import NonFiniteLossError, TransferModule
 from nlp_transfer.multitask.adapters import PrivateAdapters
 from nlp_transfer.strategies.base import ParamGroup, TransferStrategy
+from nlp_transfer.training.embedding_grad import uses_lazy_optimizer
 
 TASK_TYPES = ("classification", "sequence_labeling")
 DEFAULT_PRIMARY = {"classification": "acc", "sequence_labeling": "f1"}
@@ -191,6 +192,7 @@ class MultiTaskModule(TransferModule):
         self.log_grad_norm = log_grad_norm
         self.check_finite_loss = check_finite_loss
         self.embedding_grad_buffer = embedding_grad_buffer
+        self.lazy_embeddings = uses_lazy_optimizer(self)
         self.run_config = run_config or {}
         self.strategy = strategy
         self._build_metrics()

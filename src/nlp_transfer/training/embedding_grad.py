@@ -23,6 +23,11 @@ zero and is fine.
 Single-process CPU runs only: DDP buckets dense gradients, and GPUs' caching allocator does
 not pay for fresh memory. Tables that are frozen when training starts, or wrapped by PEFT
 (LoRA on embeddings reads the base layer's ``sparse`` flag), keep dense gradients.
+
+With a lazy optimizer (:class:`~nlp_transfer.training.lazy_adamw.LazyAdamW`,
+``optimizer=lazy_adamw``) there is no buffer: the gradient stays sparse (coalesced after
+every backward) for the optimizer to update only its rows. That works on any single
+device; under DDP the tables keep dense gradients and the update is plain AdamW.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from pytorch_lightning.strategies import SingleDeviceStrategy
 from torch import nn
 
 from nlp_transfer.training.grad_norm import total_norm
+from nlp_transfer.training.lazy_adamw import LazyAdamW
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +61,21 @@ class EmbeddingGradBuffer(pl.Callback):
         # rows of each buffer that may be non-zero (the indices of its sparse gradients)
         self._dirty: dict[nn.Embedding, list[torch.Tensor]] = {}
         self._hooks: list[Any] = []
+        self.lazy = False  # keep gradients sparse for a LazyAdamW
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         strategy = trainer.strategy
-        if not isinstance(strategy, SingleDeviceStrategy) or strategy.root_device.type != "cpu":
+        self.lazy = uses_lazy_optimizer(pl_module)
+        single = isinstance(strategy, SingleDeviceStrategy)
+        if not single or (strategy.root_device.type != "cpu" and not self.lazy):
+            if self.lazy:
+                log.warning(
+                    "optimizer LazyAdamW under %s: embeddings keep dense gradients, so "
+                    "their update is plain AdamW",
+                    type(strategy).__name__,
+                )
             log.info("EmbeddingGradBuffer: off (%s)", type(strategy).__name__)
             return
         wrapped = {  # PEFT layers keep the layer they adapt as ``base_layer``
@@ -80,7 +95,8 @@ class EmbeddingGradBuffer(pl.Callback):
                 module.sparse = True  # read by F.embedding at every forward
                 self._buffers[module] = torch.empty(0)
                 self._dirty[module] = []
-                self._hooks.append(module.weight.register_hook(self._recorder(module)))
+                if not self.lazy:
+                    self._hooks.append(module.weight.register_hook(self._recorder(module)))
 
     def _recorder(self, module: nn.Embedding) -> Callable[[torch.Tensor], None]:
         dirty = self._dirty[module]
@@ -100,6 +116,9 @@ class EmbeddingGradBuffer(pl.Callback):
             grad = weight.grad
             if grad is None or not grad.is_sparse:
                 continue  # no part in this step, or already the buffer (accumulation)
+            if self.lazy:  # summed duplicate rows: norms and the update read them once
+                weight.grad = grad.coalesce()
+                continue
             buffer = self._buffers[module]
             dirty = self._dirty[module]
             rows = grad._indices()[0]
@@ -155,3 +174,10 @@ class EmbeddingGradBuffer(pl.Callback):
         self._hooks.clear()
         self._buffers.clear()
         self._dirty.clear()
+
+
+def uses_lazy_optimizer(pl_module: pl.LightningModule) -> bool:
+    """Whether the module's optimizer (``optimizer_factory``, a partial) is a LazyAdamW."""
+    factory = getattr(pl_module, "optimizer_factory", None)
+    target = getattr(factory, "func", factory)
+    return isinstance(target, type) and issubclass(target, LazyAdamW)
