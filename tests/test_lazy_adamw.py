@@ -22,7 +22,13 @@ def _sparse(rows: list[int], values: torch.Tensor, shape: tuple[int, int]) -> to
 
 
 def _reference_rows(
-    p: torch.Tensor, grads: list[torch.Tensor], lr: float, b1: float, b2: float, eps: float, wd: float
+    p: torch.Tensor,
+    grads: list[torch.Tensor],
+    lr: float,
+    b1: float,
+    b2: float,
+    eps: float,
+    wd: float,
 ) -> torch.Tensor:
     """Lazy AdamW written out in float64: each step only the gradient's rows move."""
     p = p.double().clone()
@@ -71,7 +77,10 @@ def test_rows_in_the_gradient_follow_adamw_and_the_others_do_not_move() -> None:
 def test_dense_parameters_get_exactly_torch_adamw_and_the_first_step_matches_on_rows() -> None:
     torch.manual_seed(0)
     weight, table = nn.Parameter(torch.randn(3, 5)), nn.Parameter(torch.randn(10, 5))
-    ref_weight, ref_table = nn.Parameter(weight.detach().clone()), nn.Parameter(table.detach().clone())
+    ref_weight, ref_table = (
+        nn.Parameter(weight.detach().clone()),
+        nn.Parameter(table.detach().clone()),
+    )
     lazy = LazyAdamW([weight, table], **HYPER)
     plain = torch.optim.AdamW([ref_weight, ref_table], fused=True, **HYPER)
     gw, gt = torch.randn(3, 5), torch.randn(4, 5)
