@@ -173,3 +173,30 @@ def test_mandatory_value_named() -> None:
         cfg = compose("eval", overrides=[])
     with pytest.raises(ConfigError, match=r"missing mandatory config value\(s\) \['ckpt_path'\]"):
         check_required(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.embedding_grad_buffer=off", "model.embedding_grad_buffer"),
+        ("model.compile='false'", "model.compile"),
+        ("data.length_grouping=yes", "data.length_grouping"),
+        ("deterministic_fill=1", "deterministic_fill"),
+    ],
+)
+def test_switches_take_only_true_or_false(make_cfg, override: str, key: str) -> None:
+    """A string such as "off" must not switch a feature on (``bool("off")`` is true)."""
+    from nlp_transfer.train import train
+
+    with pytest.raises(Exception, match=key) as info:
+        train(make_cfg(override))
+    assert isinstance(info.value, ConfigError) or isinstance(info.value.__cause__, ConfigError)
+
+
+def test_config_flag_accepts_booleans_and_a_default() -> None:
+    import numpy as np
+
+    from nlp_transfer.data.errors import config_flag
+
+    assert config_flag(True, "k") is True and config_flag(np.bool_(False), "k") is False
+    assert config_flag(None, "k", default=True) is True

@@ -15,7 +15,7 @@ from pytorch_lightning import Callback
 from pytorch_lightning.loggers import Logger
 
 from nlp_transfer.data.base import TransferDataModule
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.data.errors import ConfigError, config_flag
 from nlp_transfer.encoders.base import Encoder
 from nlp_transfer.module import TransferModule
 
@@ -91,10 +91,14 @@ def build_module(cfg: DictConfig, encoder: Encoder, labels: list[str], task: str
             if task == "sequence_labeling" and cfg.get("subword_pooling")
             else None
         ),
-        log_grad_norm=bool(model_cfg.get("log_grad_norm", False)),
-        check_finite_loss=bool(model_cfg.get("check_finite_loss", True)),
-        compile_encoder=bool(model_cfg.get("compile", False)),
-        embedding_grad_buffer=bool(model_cfg.get("embedding_grad_buffer", True)),
+        log_grad_norm=config_flag(model_cfg.get("log_grad_norm"), "model.log_grad_norm", False),
+        check_finite_loss=config_flag(
+            model_cfg.get("check_finite_loss"), "model.check_finite_loss", True
+        ),
+        compile_encoder=config_flag(model_cfg.get("compile"), "model.compile", False),
+        embedding_grad_buffer=config_flag(
+            model_cfg.get("embedding_grad_buffer"), "model.embedding_grad_buffer", True
+        ),
         run_config=plain_config(cfg),
     )
 

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nlp_transfer.builders import check_required
 from nlp_transfer.checkpoint import read_checkpoint, restore
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.data.errors import ConfigError, config_flag
 from nlp_transfer.utils.config_tree import print_config_tree
 from nlp_transfer.utils.io import atomic_write_json, guard_new_output
 from nlp_transfer.utils.resolvers import CONFIG_DIR
@@ -39,7 +39,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             data_dir=str(cfg.data_dir), train_file=None, validation_file=None, test_file=None
         )
     module, datamodule = restore(
-        run, overrides, trust_remote_code=bool(cfg.get("trust_remote_code", False))
+        run,
+        overrides,
+        trust_remote_code=config_flag(cfg.get("trust_remote_code"), "trust_remote_code"),
     )
     datamodule.load_examples()
     trainer = hydra.utils.instantiate(

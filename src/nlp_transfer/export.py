@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from nlp_transfer.builders import build_datamodule, build_module, check_required
 from nlp_transfer.checkpoint import read_checkpoint, restore
 from nlp_transfer.data.base import TransferDataModule
+from nlp_transfer.data.errors import config_flag
 from nlp_transfer.encoders.transformer import TransformerEncoder
 from nlp_transfer.module import TransferModule
 from nlp_transfer.utils.io import atomic_write_json, guard_new_output
@@ -163,7 +164,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     out_dir = (
         Path(cfg.output_dir) if cfg.get("output_dir") else Path(cfg.paths.output_dir) / "export"
     )
-    module, datamodule = restore(run, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+    module, datamodule = restore(
+        run, trust_remote_code=config_flag(cfg.get("trust_remote_code"), "trust_remote_code")
+    )
     texts = sample_texts(datamodule) if cfg.get("verify", True) else []
     reference = _predictions(module, datamodule, texts) if texts else None
     export_module(module, out_dir)

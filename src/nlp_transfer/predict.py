@@ -20,7 +20,7 @@ from nlp_transfer.builders import check_required
 from nlp_transfer.checkpoint import read_checkpoint, restore
 from nlp_transfer.data.alignment import merge_window_predictions
 from nlp_transfer.data.conll import read_conll
-from nlp_transfer.data.errors import DataError
+from nlp_transfer.data.errors import DataError, config_flag
 from nlp_transfer.data.sequence_labeling import split_words
 from nlp_transfer.data.tags import entities_from_tags, tags_from_entities
 from nlp_transfer.module import TransferModule
@@ -153,7 +153,9 @@ def predict(cfg: DictConfig) -> Path:
     )
     guard_new_output(out_path, "prediction file")
     run = read_checkpoint(cfg.ckpt_path)
-    module, datamodule = restore(run, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+    module, datamodule = restore(
+        run, trust_remote_code=config_flag(cfg.get("trust_remote_code"), "trust_remote_code")
+    )
     text_field = cfg.get("text_field", "text")
     if run.task == "sequence_labeling":
         items = read_word_inputs(str(cfg.input), text_field)

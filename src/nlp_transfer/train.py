@@ -42,7 +42,7 @@ from nlp_transfer.builders import (
     plain_config,
 )
 from nlp_transfer.checkpoint import CheckpointError, check_fits, read_checkpoint
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.data.errors import ConfigError, config_flag
 from nlp_transfer.training.determinism import set_deterministic_fill
 from nlp_transfer.training.loop_state import ResumeState
 from nlp_transfer.training.progress_checkpoint import ProgressCheckpoint
@@ -256,7 +256,7 @@ def fit_and_score(
         **({"plugins": plugins} if plugins else {}),
         **trainer_kwargs,
     )
-    set_deterministic_fill(bool(cfg.get("deterministic_fill")))
+    set_deterministic_fill(config_flag(cfg.get("deterministic_fill"), "deterministic_fill"))
     for lg in loggers:
         lg.log_hyperparams(plain_config(cfg))
 

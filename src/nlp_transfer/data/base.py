@@ -17,7 +17,7 @@ from datasets import Dataset
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
-from nlp_transfer.data.errors import ConfigError, DataError
+from nlp_transfer.data.errors import ConfigError, DataError, config_flag
 from nlp_transfer.data.labels import LabelVocab
 from nlp_transfer.data.readers import find_split_file
 from nlp_transfer.data.sampler import (
@@ -118,7 +118,7 @@ class TransferDataModule(LightningDataModule):
         self.max_eval_examples = max_eval_examples
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "tokenized"
         self.cache_tokenization = cache_tokenization
-        self.length_grouping = bool(length_grouping)
+        self.length_grouping = config_flag(length_grouping, "data.length_grouping")
         self.megabatch_mult = check_megabatch_mult(megabatch_mult)
         self.vocab: LabelVocab | None = None
         self.examples: dict[str, list[Any]] = {}

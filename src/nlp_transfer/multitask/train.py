@@ -41,7 +41,7 @@ from pytorch_lightning import seed_everything
 from nlp_transfer.builders import build_encoder, plain_config
 from nlp_transfer.checkpoint import check_fits, read_checkpoint
 from nlp_transfer.data.base import TransferDataModule
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.data.errors import ConfigError, config_flag
 from nlp_transfer.data.tags import normalize_scheme
 from nlp_transfer.encoders.base import Encoder
 from nlp_transfer.multitask.datamodule import MultiTaskDataModule
@@ -176,9 +176,13 @@ def build_multitask_module(
         ),
         shared_projection=opts["shared_projection"],
         private_adapters=opts["private_adapters"],
-        log_grad_norm=bool(model_cfg.get("log_grad_norm", False)),
-        check_finite_loss=bool(model_cfg.get("check_finite_loss", True)),
-        embedding_grad_buffer=bool(model_cfg.get("embedding_grad_buffer", True)),
+        log_grad_norm=config_flag(model_cfg.get("log_grad_norm"), "model.log_grad_norm", False),
+        check_finite_loss=config_flag(
+            model_cfg.get("check_finite_loss"), "model.check_finite_loss", True
+        ),
+        embedding_grad_buffer=config_flag(
+            model_cfg.get("embedding_grad_buffer"), "model.embedding_grad_buffer", True
+        ),
         run_config=plain_config(cfg),
     )
 
