@@ -45,7 +45,7 @@ test-full: install  ## every test, including slow ones (real MiniLM, real data, 
 bench: install  ## HF Trainer vs template: CoNLL-2003 full, SST-2, frozen (~20 min on 2 CPU cores)
 	$(PY) benchmarks/hf_vs_template.py --task conll2003 --max-train 14041 --omp-wait-policy default \
 		--template-variant "trainer=bf16 data.length_grouping=false optimizer.fused=false" \
-		--template-variant "trainer=bf16"
+		--template-variant "trainer=bf16" --template-variant "trainer=bf16 optimizer=lazy_adamw"
 	$(PY) benchmarks/hf_vs_template.py --task sst2 --max-train 8000 --omp-wait-policy default
 	$(PY) benchmarks/hf_vs_template.py --task sst2 --max-train 8000 --lr 1e-3 \
 		--omp-wait-policy default --hf-variant bf16_frozen --hf-variant bf16_grouped_frozen \

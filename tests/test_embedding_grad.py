@@ -214,3 +214,36 @@ def test_a_model_with_the_callback_set_up_still_pickles() -> None:
     _setup(callback, model, CPU)
     restored = pickle.loads(pickle.dumps(model))
     assert torch.equal(restored.emb.weight, model.emb.weight)
+
+
+def test_lazy_optimizer_keeps_gradients_sparse_on_any_single_device_not_under_ddp(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import functools
+
+    from nlp_transfer.training.lazy_adamw import LazyAdamW
+
+    def lazy_bag() -> _Bag:
+        model = _Bag()
+        model.optimizer_factory = functools.partial(LazyAdamW, lr=1e-3)  # as Hydra builds it
+        return model
+
+    model, callback = lazy_bag(), EmbeddingGradBuffer(min_rows=1000)
+    _setup(callback, model, CPU)
+    assert callback.lazy and model.emb.sparse and not callback._hooks  # no row record
+    model.emb(torch.tensor([[3, 3, 7]])).sum().backward()
+    callback.on_after_backward(None, model)  # type: ignore[arg-type]
+    grad = model.emb.weight.grad
+    assert grad.is_sparse and grad.is_coalesced() and grad.to_dense()[3].tolist() == [2.0] * 8
+    # a GPU strategy gets sparse gradients too (the buffer alone is CPU-only)
+    gpu_like = SingleDeviceStrategy(device=torch.device("cuda", 0))  # not started here
+    on_gpu = lazy_bag()
+    _setup(EmbeddingGradBuffer(min_rows=1000), on_gpu, gpu_like)
+    assert on_gpu.emb.sparse
+    plain = _Bag()  # the exact buffer stays CPU-only
+    _setup(EmbeddingGradBuffer(min_rows=1000), plain, gpu_like)
+    assert not plain.emb.sparse
+    ddp = lazy_bag()
+    with caplog.at_level("WARNING"):
+        _setup(EmbeddingGradBuffer(min_rows=1000), ddp, DDPStrategy())
+    assert not ddp.emb.sparse and "plain AdamW" in caplog.text

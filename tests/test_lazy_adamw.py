@@ -182,3 +182,23 @@ def test_training_with_lazy_adamw_moves_only_the_rows_of_seen_tokens(make_cfg) -
     seen = sorted(watch.seen - {table.padding_idx})
     assert torch.equal(after[unseen], start[unseen])
     assert (after[seen] != start[seen]).any(dim=1).all()
+
+
+def test_clipping_by_value_clamps_the_summed_rows_of_a_sparse_gradient() -> None:
+    from types import SimpleNamespace
+
+    from pytorch_lightning import LightningModule
+
+    from nlp_transfer.module import TransferModule
+
+    table = nn.Parameter(torch.zeros(5, 2))
+    opt = LazyAdamW([table], lr=0.1)
+    module = TransferModule.__new__(TransferModule)
+    LightningModule.__init__(module)
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None))
+    # row 1 appears twice: 0.4 + 0.4 = 0.8 is clamped to 0.5 after summing, as dense would be
+    table.grad = _sparse([1, 1, 3], torch.tensor([[0.4, -2.0], [0.4, 0.0], [0.1, 0.2]]), (5, 2))
+    module.configure_gradient_clipping(opt, 0.5, "value")
+    assert table.grad.is_sparse
+    want = torch.tensor([[0.0, 0.0], [0.5, -0.5], [0.0, 0.0], [0.1, 0.2], [0.0, 0.0]])
+    torch.testing.assert_close(table.grad.to_dense(), want)

@@ -449,7 +449,13 @@ class TransferModule(LightningModule):
         if gradient_clip_val and fused:
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             if gradient_clip_algorithm == "value":
-                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+                dense = [p for p in params if not p.grad.is_sparse]
+                if dense:
+                    torch.nn.utils.clip_grad_value_(dense, gradient_clip_val)
+                for p in params:  # lazy embeddings: clamp the (summed) values of each row
+                    if p.grad.is_sparse:
+                        p.grad = p.grad.coalesce()
+                        p.grad._values().clamp_(-gradient_clip_val, gradient_clip_val)
             elif params:
                 # looked up, not kept on the module: the callback's hooks do not pickle
                 callbacks = getattr(self._trainer, "callbacks", None) or []
