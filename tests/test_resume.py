@@ -426,16 +426,21 @@ def test_continuing_with_other_settings_is_reported(caplog: pytest.LogCaptureFix
     assert "optimizer.lr: 0.0001 -> 0.0005" in caplog.text
 
 
-@pytest.mark.parametrize("grouping", ["true", "false"])
-def test_resume_mid_epoch_is_exact_with_either_sampler(tmp_path: Path, grouping: str) -> None:
+@pytest.mark.parametrize(
+    ("grouping", "optimizer"), [("true", "adamw"), ("false", "adamw"), ("true", "lazy_adamw")]
+)
+def test_resume_mid_epoch_is_exact_with_either_sampler(
+    tmp_path: Path, grouping: str, optimizer: str
+) -> None:
     """Length-grouped batches (seeded from the run's seed) and plain shuffled ones are both
     positioned after the trained batches: a resume in the middle of epoch 2 ends bitwise
-    equal to the uninterrupted run."""
+    equal to the uninterrupted run (also with the lazy optimizer's sparse-row state)."""
     run, kept = tmp_path / "run", tmp_path / "reference"
     cmd = _command(
         run,
         tmp_path / "cache",
         f"data.length_grouping={grouping}",
+        f"optimizer={optimizer}",
         "trainer.max_epochs=2",
         "callbacks.throttle.seconds=0",
         "callbacks.model_checkpoint_steps.keep=20",
