@@ -202,3 +202,35 @@ def test_clipping_by_value_clamps_the_summed_rows_of_a_sparse_gradient() -> None
     assert table.grad.is_sparse
     want = torch.tensor([[0.0, 0.0], [0.5, -0.5], [0.0, 0.0], [0.1, 0.2], [0.0, 0.0]])
     torch.testing.assert_close(table.grad.to_dense(), want)
+
+
+def test_step_hooks_run_once_and_other_sparse_layouts_are_refused_before_any_update() -> None:
+    torch.optim.AdamW([nn.Parameter(torch.zeros(1))], fused=True)  # torch hooks AdamW.step
+    table, weight = nn.Parameter(torch.randn(6, 2)), nn.Parameter(torch.randn(2))
+    opt = LazyAdamW([table, weight], lr=0.1)
+    calls: list[Any] = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append(("pre", table.grad is not None)))
+    opt.register_step_post_hook(lambda o, a, k: calls.append(("post", float(table[1, 0]))))
+    start = float(table[1, 0])
+    table.grad = _sparse([1, 3], torch.ones(2, 2), (6, 2))
+    weight.grad = torch.ones(2)
+    opt.step()
+    assert calls == [("pre", True), ("post", float(table[1, 0]))] and calls[1][1] != start
+    before = weight.detach().clone()
+    table.grad = torch.randn(6, 2).to_sparse()  # one entry per element, not whole rows
+    with pytest.raises(ValueError, match="row-sparse"):
+        opt.step()
+    assert torch.equal(weight, before)  # refused before the dense step ran
+
+
+def test_lazy_optimizer_without_a_trainable_table_says_so(make_cfg, caplog) -> None:
+    cfg = make_cfg(
+        "experiment=demo_classification",
+        "encoder=tiny",
+        "optimizer=lazy_adamw",
+        "strategy=frozen",
+        "data.max_train_examples=16",
+    )
+    with caplog.at_level("WARNING"):
+        train(cfg)
+    assert "no trainable vocabulary embedding" in caplog.text

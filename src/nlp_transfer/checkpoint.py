@@ -32,7 +32,7 @@ SAFE_TARGETS: dict[str, tuple[str, ...]] = {
     "data": ("nlp_transfer.data.",),
     "head": ("nlp_transfer.heads.",),
     "strategy": ("nlp_transfer.strategies.",),
-    "optimizer": ("torch.optim.",),
+    "optimizer": ("torch.optim.", "nlp_transfer.training.lazy_adamw."),
     "scheduler": ("nlp_transfer.training.", "torch.optim.lr_scheduler."),
     "layer_pooling": ("nlp_transfer.encoders.",),
     "subword_pooling": ("nlp_transfer.encoders.",),

@@ -106,6 +106,11 @@ class TransferModule(LightningModule):
         self.check_finite_loss = check_finite_loss
         self.embedding_grad_buffer = embedding_grad_buffer and not compile_encoder
         self.lazy_embeddings = uses_lazy_optimizer(self) and not compile_encoder
+        if compile_encoder and uses_lazy_optimizer(self):
+            log.warning(
+                "optimizer LazyAdamW with model.compile=true: the compiled encoder keeps "
+                "dense embedding gradients, so every update is plain AdamW"
+            )
         self.run_config = run_config or {}
         self.strategy = strategy
         self._build_metrics()

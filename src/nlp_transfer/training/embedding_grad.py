@@ -68,13 +68,15 @@ class EmbeddingGradBuffer(pl.Callback):
             return
         strategy = trainer.strategy
         self.lazy = uses_lazy_optimizer(pl_module)
-        single = isinstance(strategy, SingleDeviceStrategy)
-        if not single or (strategy.root_device.type != "cpu" and not self.lazy):
+        device = strategy.root_device.type if isinstance(strategy, SingleDeviceStrategy) else None
+        # the buffer pays off on CPU only; sparse embedding gradients are tested on CPU and CUDA
+        if device not in (("cpu", "cuda") if self.lazy else ("cpu",)):
             if self.lazy:
                 log.warning(
-                    "optimizer LazyAdamW under %s: embeddings keep dense gradients, so "
-                    "their update is plain AdamW",
+                    "optimizer LazyAdamW under %s on %s: embeddings keep dense gradients, "
+                    "so their update is plain AdamW",
                     type(strategy).__name__,
+                    device or "several processes",
                 )
             log.info("EmbeddingGradBuffer: off (%s)", type(strategy).__name__)
             return
@@ -97,6 +99,13 @@ class EmbeddingGradBuffer(pl.Callback):
                 self._dirty[module] = []
                 if not self.lazy:
                     self._hooks.append(module.weight.register_hook(self._recorder(module)))
+        if self.lazy and not self._buffers:
+            log.warning(
+                "optimizer LazyAdamW: no trainable vocabulary embedding (>= %d rows) when "
+                "training starts, so every update is plain AdamW (a table unfrozen later, "
+                "as by gradual unfreezing, keeps dense gradients)",
+                self.min_rows,
+            )
 
     def _recorder(self, module: nn.Embedding) -> Callable[[torch.Tensor], None]:
         dirty = self._dirty[module]

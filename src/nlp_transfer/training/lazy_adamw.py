@@ -61,11 +61,12 @@ class LazyAdamW(torch.optim.AdamW):
             for p in group["params"]
             if p.grad is not None and p.grad.is_sparse
         ]
-        grads = {id(p): p.grad for _, p in sparse}
+        # duplicate rows (repeated tokens, accumulation) summed; checked before any update
+        grads = {id(p): _row_sparse(p, p.grad) for _, p in sparse}
         for _, p in sparse:
             p.grad = None  # hidden from AdamW's dense step
         try:
-            super().step()
+            _dense_step(self)
         finally:
             for _, p in sparse:
                 p.grad = grads[id(p)]
@@ -74,7 +75,6 @@ class LazyAdamW(torch.optim.AdamW):
         return loss
 
     def _update_rows(self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor) -> None:
-        grad = grad.coalesce()  # duplicate rows (repeated tokens, accumulation) summed
         rows, values = grad.indices()[0], grad.values()
         state = self.state[p]
         if not state:  # AdamW's layout, so checkpoints load into either optimizer
@@ -115,6 +115,28 @@ class LazyAdamW(torch.optim.AdamW):
             p.index_copy_(0, rows, param_rows)
             state["exp_avg"].index_copy_(0, rows, avg_rows)
             state["exp_avg_sq"].index_copy_(0, rows, sq_rows)
+
+
+def _row_sparse(p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` coalesced, if it holds whole rows of ``p`` (as ``nn.Embedding(sparse=True)``
+    gives); anything else is refused."""
+    grad = grad.coalesce()
+    if grad.sparse_dim() != 1 or grad.values().shape[1:] != p.shape[1:]:
+        raise ValueError(
+            "LazyAdamW takes row-sparse gradients (whole rows, as nn.Embedding(sparse=True) "
+            f"gives), got sparse_dim {grad.sparse_dim()} and values of shape "
+            f"{tuple(grad.values().shape)} for a parameter of shape {tuple(p.shape)}"
+        )
+    return grad
+
+
+def _dense_step(optimizer: LazyAdamW) -> None:
+    """AdamW's own step, without the hook wrapper torch puts around ``AdamW.step`` (the
+    step hooks already ran around :meth:`LazyAdamW.step`; they must not run twice)."""
+    step = torch.optim.AdamW.step
+    if getattr(step, "hooked", False):  # set by torch.optim.Optimizer._patch_step_function
+        step = step.__wrapped__
+    step(optimizer)
 
 
 @contextmanager
