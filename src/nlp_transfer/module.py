@@ -105,8 +105,9 @@ class TransferModule(LightningModule):
         self.log_grad_norm = log_grad_norm
         self.check_finite_loss = check_finite_loss
         self.embedding_grad_buffer = embedding_grad_buffer and not compile_encoder
-        self.lazy_embeddings = uses_lazy_optimizer(self) and not compile_encoder
-        if compile_encoder and uses_lazy_optimizer(self):
+        lazy = uses_lazy_optimizer(self)
+        self.lazy_embeddings = lazy and not compile_encoder
+        if compile_encoder and lazy:
             log.warning(
                 "optimizer LazyAdamW with model.compile=true: the compiled encoder keeps "
                 "dense embedding gradients, so every update is plain AdamW"

@@ -96,8 +96,8 @@ class EmbeddingGradBuffer(pl.Callback):
             ):
                 module.sparse = True  # read by F.embedding at every forward
                 self._buffers[module] = torch.empty(0)
-                self._dirty[module] = []
-                if not self.lazy:
+                if not self.lazy:  # the row record serves the dense buffer only
+                    self._dirty[module] = []
                     self._hooks.append(module.weight.register_hook(self._recorder(module)))
         if self.lazy and not self._buffers:
             log.warning(
