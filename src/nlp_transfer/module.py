@@ -6,7 +6,6 @@ sizes (head, layer pooling, optimizer, scheduler); nothing is looked up from str
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from torch import nn
 from nlp_transfer.data.alignment import merge_window_predictions
 from nlp_transfer.encoders.base import Encoder
 from nlp_transfer.encoders.fast_dropout import swap_dropout
+from nlp_transfer.heads import head_kwargs
 from nlp_transfer.metrics.classification import PerClassReport, classification_metrics
 from nlp_transfer.metrics.entity import EntityF1
 from nlp_transfer.strategies.base import TrainableSpec, TransferStrategy
@@ -94,11 +94,9 @@ class TransferModule(LightningModule):
         if self.subword_pooling is not None:
             size = self.subword_pooling.output_size(size)
         self.feature_size = size
-        head_kwargs: dict[str, Any] = {"input_size": size, "num_labels": len(self.labels)}
-        if "labels" in inspect.signature(head).parameters:
-            head_kwargs["labels"] = self.labels  # e.g. a CRF with constrained transitions
-        self.head_factory, self.head_kwargs = head, head_kwargs
-        self.head = head(**head_kwargs)
+        self.head_factory = head
+        self.head_kwargs = head_kwargs(head, size, self.labels, encoder.hidden_size)
+        self.head = head(**self.head_kwargs)
         self.aux_heads = nn.ModuleDict()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler

@@ -21,7 +21,6 @@ for sequence labeling, or ``primary_metric``) — the checkpoint monitor.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from torch import nn
 
 from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.encoders.base import Encoder
+from nlp_transfer.heads import head_kwargs
 from nlp_transfer.metrics.classification import PerClassReport, classification_metrics
 from nlp_transfer.metrics.entity import EntityF1
 from nlp_transfer.module import NonFiniteLossError, TransferModule
@@ -180,9 +180,7 @@ class MultiTaskModule(TransferModule):
                 if spec.task == "sequence_labeling" and spec.subword_pooling is not None:
                     self.subword_poolers[name] = spec.subword_pooling()
                     task_size = self.subword_poolers[name].output_size(size)
-                kwargs: dict[str, Any] = {"input_size": task_size, "num_labels": len(spec.labels)}
-                if "labels" in inspect.signature(spec.head).parameters:
-                    kwargs["labels"] = list(spec.labels)
+                kwargs = head_kwargs(spec.head, task_size, spec.labels, encoder.hidden_size)
                 self.heads[name] = spec.head(**kwargs)
             except KeyError as e:  # ModuleDict refuses names such as "keys" or "a.b"
                 raise ConfigError(f"task name {name!r} cannot be used ({e})") from e
