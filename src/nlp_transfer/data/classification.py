@@ -10,7 +10,7 @@ import torch
 from nlp_transfer.data.base import TransferDataModule
 from nlp_transfer.data.errors import DataError
 from nlp_transfer.data.padding import pad_to
-from nlp_transfer.data.readers import Example, read_classification_file
+from nlp_transfer.data.readers import DEFAULT_ENCODING, Example, read_classification_file
 
 
 class ClassificationDataModule(TransferDataModule):
@@ -22,6 +22,8 @@ class ClassificationDataModule(TransferDataModule):
             with ``hf_data_files`` (a dict split → file) for local files.
         hf_config: the hub dataset's configuration name.
         hf_splits: our split name → the dataset's split name.
+        encoding: text encoding of local files (default ``utf-8-sig``: UTF-8 with or
+            without a byte-order mark).
     """
 
     task = "classification"
@@ -37,9 +39,11 @@ class ClassificationDataModule(TransferDataModule):
         hf_config: str | None = None,
         hf_data_files: dict[str, str] | None = None,
         hf_splits: dict[str, str] | None = None,
+        encoding: str = DEFAULT_ENCODING,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.encoding = encoding
         self.text_field = text_field
         self.text_pair_field = text_pair_field
         self.label_field = label_field
@@ -52,7 +56,7 @@ class ClassificationDataModule(TransferDataModule):
 
     def read_split(self, path: Path) -> list[Example]:
         return read_classification_file(
-            path, self.text_field, self.label_field, self.text_pair_field
+            path, self.text_field, self.label_field, self.text_pair_field, self.encoding
         )
 
     def load_examples(self) -> None:

@@ -39,7 +39,8 @@ class SequenceLabelingDataModule(TransferDataModule):
     token-classification dataset (``hf_dataset``).
 
     Args beyond :class:`TransferDataModule`:
-        token_column / tag_column / separator / comment_prefix / docstart: file format.
+        token_column / tag_column / separator / comment_prefix / docstart / encoding: file
+            format (see :func:`~nlp_transfer.data.conll.read_conll`; columns count from 0).
         tag_scheme: scheme of the files (IOB1, IOB2/BIO, BIOES).
         train_scheme: scheme the model predicts (IOB2 or BIOES).
         invalid_tags: ``convert`` (repair ``I-X`` after ``O`` into ``B-X``), ``reject``, ``warn``.
@@ -70,9 +71,11 @@ class SequenceLabelingDataModule(TransferDataModule):
         hf_splits: dict[str, str] | None = None,
         tokens_field: str = "tokens",
         tags_field: str = "ner_tags",
+        encoding: str = "utf-8-sig",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.encoding = encoding
         self.token_column, self.tag_column = token_column, tag_column
         self.separator, self.comment_prefix, self.docstart = separator, comment_prefix, docstart
         self.tag_scheme = normalize_scheme(tag_scheme)
@@ -100,6 +103,7 @@ class SequenceLabelingDataModule(TransferDataModule):
             separator=self.separator,
             comment_prefix=self.comment_prefix,
             docstart=self.docstart,
+            encoding=self.encoding,
         )
         return [self._normalise(s) for s in sentences]
 
