@@ -21,7 +21,15 @@ TASKS = ("classification", "sequence_labeling")
 # validation metrics each task logs; a monitor from the other task's list never appears
 TASK_METRICS = {
     "classification": ("val/acc", "val/f1_macro", "val/loss"),
-    "sequence_labeling": ("val/f1", "val/precision", "val/recall", "val/loss"),
+    "sequence_labeling": (
+        "val/f1",
+        "val/precision",
+        "val/recall",
+        "val/f1_macro",
+        "val/precision_macro",
+        "val/recall_macro",
+        "val/loss",
+    ),
 }
 DEFAULT_HEAD = {"classification": "head=linear", "sequence_labeling": "head=token_linear"}
 # config sections whose ``dropout`` values are probabilities

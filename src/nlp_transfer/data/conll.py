@@ -115,6 +115,7 @@ def read_conll(
     if expected is None and comment_prefix:  # the token lines' width decides what a comment is
         expected = _first_token_width(raw_lines, separator, comment_prefix, docstart)
     comments: list[int] = []
+    width_line = ""  # the line that set the expected number of columns
     for number, line in enumerate(raw_lines, start=1):
         if not line.strip():
             flush()
@@ -132,11 +133,13 @@ def read_conll(
             flush()
             continue
         if expected is None:
-            expected = len(columns)
+            expected, width_line = len(columns), line
         if len(columns) != expected:
+            looks_commented = [x for x in (width_line, line) if x.lstrip()[:1] in "#%;"]
             hint = (
-                "; if it is a comment, set data.comment_prefix to its first character"
-                if not comment_prefix and not tokens and line.lstrip()[:1] in ("#", "%", ";")
+                f"; if {looks_commented[0]!r} is a comment, set data.comment_prefix to its "
+                "first character"
+                if looks_commented and not comment_prefix
                 else ""
             )
             raise DataError(
