@@ -202,12 +202,16 @@ class TransferDataModule(LightningDataModule):
             for ex in self.examples.get(split, []):
                 for lab in self.labels_of(ex):
                     if lab not in self.vocab:
-                        self.vocab.encode(lab, source=self._example_source(ex))
+                        self.vocab.encode(lab, source=self._label_source(ex, lab))
         counts = {k: len(v) for k, v in self.examples.items()}
         log.info("data %s: %s examples, %d labels", self.task, counts, len(self.vocab))
 
     def _example_source(self, example: Any) -> str:
         return str(getattr(example, "source", ""))
+
+    def _label_source(self, example: Any, label: str) -> str:
+        """Where ``label`` occurs in ``example`` (file:line), for error messages."""
+        return self._example_source(example)
 
     def _carve_validation(self) -> None:
         train = self.examples["train"]

@@ -117,9 +117,9 @@ def read_classification_file(
                 label_type = (type(value), line)
             elif type(value) is not label_type[0]:
                 raise DataError(
-                    f"{path}:{line}: label {value!r} is a {_json_type(value)} but the label "
-                    f"on line {label_type[1]} is a {_json_type(label_type[0])}; use one type "
-                    f"for every '{label_field}' value of the file"
+                    f"{path}:{line}: label {value!r} ({_json_type(value)}) is not of the type "
+                    f"of the label on line {label_type[1]} ({_json_type(label_type[0])}); "
+                    f"use one type for every '{label_field}' value of the file"
                 )
         examples.append(
             Example(
@@ -143,8 +143,8 @@ def _json_type(value: Any) -> str:
 def _text_value(value: Any, field: str, path: Path, line: int) -> str:
     if not isinstance(value, str):
         raise DataError(
-            f"{path}:{line}: field '{field}' is a {_json_type(value)} ({value!r:.60}), "
-            "not a string; texts must be JSON strings"
+            f"{path}:{line}: field '{field}' is not a string ({_json_type(value)} "
+            f"{value!r:.60}); texts must be JSON strings"
         )
     return value
 
@@ -157,9 +157,9 @@ def _label_value(value: Any, field: str, path: Path, line: int) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     raise DataError(
-        f"{path}:{line}: label {value!r:.60} in field '{field}' is a {_json_type(value)}; "
-        "labels must be strings or integers (a float such as 1.0 is refused so that it "
-        "cannot become a class apart from 1)"
+        f"{path}:{line}: label {value!r:.60} in field '{field}' is not a string or an "
+        f"integer ({_json_type(value)}); a float such as 1.0 is refused so that it cannot "
+        "become a class apart from 1"
     )
 
 
