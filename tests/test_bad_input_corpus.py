@@ -81,6 +81,17 @@ def cls_data(files: dict[str, str | bytes], **kw: Any) -> Callable[[Env, Path], 
     return run
 
 
+def hf_json(rows: list[dict[str, Any]]) -> Callable[[Env, Path], Any]:
+    """Local JSONL read through the Hugging Face ``json`` builder (data=hf_classification)."""
+
+    def run(env: Env, tmp: Path) -> Any:
+        path = _write(tmp / "d", {"train.jsonl": jsonl(*rows)}) / "train.jsonl"
+        data = ClassificationDataModule(hf_dataset="json", hf_data_files={"train": str(path)})
+        data.load_examples()
+
+    return run
+
+
 def ner_data(files: dict[str, str | bytes], **kw: Any) -> Callable[[Env, Path], Any]:
     def run(env: Env, tmp: Path) -> Any:
         data = SequenceLabelingDataModule(data_dir=str(_write(tmp / "d", files)), **kw)
@@ -315,6 +326,20 @@ CASES: list[Case] = [
         cls_data({"train.jsonl": jsonl({"text": "a", "class": "x"})}),
         DataError,
         rf"{F}:1: missing field\(s\) \['label'\].*data\.label_field",
+    ),
+    Case(
+        "hf_json_float_label",
+        "data",
+        hf_json([{"text": "a", "label": 0.5}, {"text": "b", "label": 1.5}]),
+        DataError,
+        r"json\[train\] row 0: label 0\.5 \(float\) is not a string or an integer",
+    ),
+    Case(
+        "hf_json_text_number",
+        "data",
+        hf_json([{"text": 7, "label": "x"}, {"text": 8, "label": "y"}]),
+        DataError,
+        r"json\[train\] row 0: field 'text' is int, not a string",
     ),
     # encodings: the file, the line and the option to set
     Case(

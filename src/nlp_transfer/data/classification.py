@@ -92,13 +92,24 @@ class ClassificationDataModule(TransferDataModule):
                     raise DataError(f"{src}: no column '{col}'; columns: {ds.column_names}")
             exs = []
             for i, row in enumerate(ds):
+                where = f"{src} row {i}"
                 label = row[self.label_field]
+                if names is None and (isinstance(label, bool) or not isinstance(label, str | int)):
+                    raise DataError(
+                        f"{where}: label {label!r:.60} ({type(label).__name__}) is not a string "
+                        f"or an integer; refusing to turn it into a class name"
+                    )
+                for field in (self.text_field, self.text_pair_field):
+                    if field and not isinstance(row[field], str):
+                        raise DataError(
+                            f"{where}: field '{field}' is {type(row[field]).__name__}, not a string"
+                        )
                 exs.append(
                     Example(
-                        text=str(row[self.text_field]),
+                        text=row[self.text_field],
                         label=names[label] if names is not None else str(label),
-                        text_pair=str(row[self.text_pair_field]) if self.text_pair_field else None,
-                        source=f"{src} row {i}",
+                        text_pair=row[self.text_pair_field] if self.text_pair_field else None,
+                        source=where,
                     )
                 )
             if not exs:
