@@ -37,7 +37,10 @@ DROPOUT_SECTIONS = ("head", "strategy", "encoder", "layer_pooling", "multitask",
 
 
 def validate_train_config(cfg: DictConfig) -> None:
-    """Refuse a training config whose values cannot work (see the module docstring)."""
+    """Refuse a training config whose values cannot work: ``optimizer.lr`` not a number > 0,
+    a dropout outside [0, 1), ``trainer.max_epochs``/``max_steps`` of 0, ``data.max_length``
+    < 1, a head of the other task than the data's (also per task of a multi-task run), a
+    scikit-learn head with a strategy that trains the encoder, a monitor of the other task."""
     _check_lr(cfg)
     for key, value in _dropouts(cfg):
         check_probability(value, key)
@@ -46,12 +49,12 @@ def validate_train_config(cfg: DictConfig) -> None:
         for name, task_cfg in cfg.tasks.items():
             if task_cfg is None:
                 continue
-            data_task = _component_task(task_cfg.get("data"), f"tasks.{name}.data")
+            data_task = _component_task(task_cfg.get("data"))
             _check_head(task_cfg.get("head"), data_task, f"tasks.{name}.head")
             _check_max_length(task_cfg.get("data"), f"tasks.{name}.data.max_length")
         return
     _check_max_length(cfg.get("data"), "data.max_length")
-    data_task = _component_task(cfg.get("data"), "data")
+    data_task = _component_task(cfg.get("data"))
     head = cfg.get("head")
     if head is not None and head.get("kind") == "sklearn":
         _check_sklearn_strategy(cfg)
@@ -150,7 +153,7 @@ def _find_dropouts(node: Any, where: str) -> Iterator[tuple[str, Any]]:
             yield from _find_dropouts(node._get_node(i), f"{where}[{i}]")
 
 
-def _component_task(node: Any, key: str) -> str | None:
+def _component_task(node: Any) -> str | None:
     if not isinstance(node, DictConfig) or "_target_" not in node:
         return None
     return task_of(node._target_)

@@ -4,7 +4,8 @@ Public API::
 
     Sentence(tokens, tags, source, line, line_numbers)      # dataclass
     read_conll(path, *, token_column=0, tag_column=-1, separator=None, comment_prefix="#",
-               docstart="-DOCSTART-", num_columns=None, encoding="utf-8-sig") -> list[Sentence]
+               docstart="-DOCSTART-", num_columns=None, encoding="utf-8-sig",
+               encoding_option="data.encoding") -> list[Sentence]
     write_conll(path, sentences, separator=" ") -> None
     read_hf_token_dataset(name_or_path, split, tokens_field="tokens", tags_field="ner_tags",
                           *, label_names=None, **load_kwargs) -> list[Sentence]
