@@ -30,6 +30,8 @@ from nlp_transfer.utils.resolvers import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
+CONLL_SUFFIXES = (".conll", ".bio")  # pre-tokenized input; anything else is raw text
+
 
 def read_inputs(
     source: str, text_field: str = "text", encoding: str = DEFAULT_ENCODING
@@ -80,7 +82,7 @@ def read_inputs(
 
 def check_predict_input(source: str, task: str, ckpt: Path) -> None:
     """Refuse CoNLL input for a classification checkpoint (it would classify each token)."""
-    if task != "sequence_labeling" and Path(source).suffix in (".conll", ".bio"):
+    if task != "sequence_labeling" and Path(source).suffix in CONLL_SUFFIXES:
         raise DataError(
             f"{source}: a CoNLL token file (input=), but {ckpt} is a {task} checkpoint; give "
             "it a .txt (one text per line) or .jsonl file, or use a sequence_labeling checkpoint"
@@ -95,7 +97,6 @@ def conll_reader_options(data_cfg: Any) -> dict[str, Any]:
         "separator": data_cfg.get("separator"),
         "comment_prefix": data_cfg.get("comment_prefix", "#"),
         "docstart": data_cfg.get("docstart", "-DOCSTART-"),
-        "encoding": data_cfg.get("encoding", "utf-8-sig"),
     }
 
 
@@ -125,10 +126,16 @@ def read_word_inputs(
     encoding: str = DEFAULT_ENCODING,
 ) -> list[tuple[str, list[str], list[tuple[int, int]]]]:
     """Sentences for sequence labeling: raw text split into words (with character offsets),
-    or pre-tokenized CoNLL input (``.conll``: tags ignored) read with ``conll_options``
-    (the checkpoint's reader settings, :func:`conll_reader_options`)."""
-    if source != "-" and Path(source).suffix == ".conll":
-        options = {**(conll_options or {}), "tag_column": None, "encoding_option": "encoding"}
+    or pre-tokenized CoNLL input (``.conll``/``.bio``: tags ignored) read with
+    ``conll_options`` (the checkpoint's reader settings, :func:`conll_reader_options`);
+    every input is decoded with ``encoding`` (predict's ``encoding=`` option)."""
+    if source != "-" and Path(source).suffix in CONLL_SUFFIXES:
+        options = {
+            **(conll_options or {}),
+            "tag_column": None,
+            "encoding": encoding,
+            "encoding_option": "encoding",
+        }
         items = []
         for sentence in read_conll(source, **options):
             spans, pos = [], 0
