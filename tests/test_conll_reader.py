@@ -62,13 +62,26 @@ def test_read_conll_columns_and_separator(tmp_path: Path) -> None:
         read_conll(path, separator="\t", tag_column=5)
 
 
-def test_read_conll_comments_configurable(tmp_path: Path) -> None:
-    path = _write(tmp_path, "% header\na O\n\n# b\n")
-    assert [s.tokens for s in read_conll(path)] == [["%", "a"]]
-    sentences = read_conll(path, comment_prefix="%")
-    assert [s.tokens for s in sentences] == [["a"], ["#"]]
-    assert sentences[1].tags == ["b"]
-    assert [s.tokens for s in read_conll(path, comment_prefix=None)] == [["%", "a"], ["#"]]
+def test_read_conll_comments_configurable(tmp_path: Path, caplog) -> None:
+    path = _write(tmp_path, "# doc one\na O\n\n# sent_id = 2\n#b O\n")
+    with caplog.at_level("WARNING", logger="nlp_transfer.data.conll"):
+        sentences = read_conll(path)
+    # "# doc one", "# sent_id = 2" cannot be 2-column token lines: comments, counted, warned
+    assert [s.tokens for s in sentences] == [["a"], ["#b"]]
+    assert "skipped 2 comment line(s)" in caplog.text and f"{path}:1" in caplog.text
+    with pytest.raises(DataError, match=r"data\.conll:2: expected 3 columns.*comment_prefix"):
+        read_conll(path, comment_prefix=None)  # every line is data: line 2 has 2 columns
+    path = _write(tmp_path, "% a header\na O\n\n%b O\n")
+    assert [s.tokens for s in read_conll(path, comment_prefix="%")] == [["a"], ["%b"]]
+
+
+def test_read_conll_keeps_sentence_initial_hashtags(tmp_path: Path, caplog) -> None:
+    """A "#hashtag" token starting a sentence is data, not a comment (nothing dropped)."""
+    path = _write(tmp_path, "#win O\nit O\n\n#NYC B-LOC\nrocks O\n")
+    with caplog.at_level("WARNING", logger="nlp_transfer.data.conll"):
+        sentences = read_conll(path)
+    assert [s.tokens for s in sentences] == [["#win", "it"], ["#NYC", "rocks"]]
+    assert sentences[1].tags == ["B-LOC", "O"] and "comment" not in caplog.text
 
 
 def test_read_conll_wrong_column_count(tmp_path: Path) -> None:

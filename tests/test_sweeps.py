@@ -220,7 +220,7 @@ def _job_dirs(sweep_dir: Path) -> list[str]:
 
 
 def test_failed_job_is_recorded_and_relaunch_skips_finished_jobs(tmp_path: Path) -> None:
-    """3 jobs, the middle one fails at runtime (lr=nan); then the same sweep again."""
+    """3 jobs, the middle one fails (lr=nan, refused at start); then the same sweep again."""
     sweep = tmp_path / "sweep"
     args = ("trainer=cpu", "test=false", "optimizer.lr=1e-3,nan,1e-4", f"hydra.sweep.dir={sweep}")
     start = time.perf_counter()
@@ -228,7 +228,7 @@ def test_failed_job_is_recorded_and_relaunch_skips_finished_jobs(tmp_path: Path)
     first_wall = time.perf_counter() - start
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert _job_dirs(sweep) == ["0", "1", "2"]
-    assert "job failed (ValueError: Invalid learning rate: nan)" in proc.stdout
+    assert "job failed (ConfigError: optimizer.lr must be a number > 0, got nan)" in proc.stdout
     failed = json.loads((sweep / "1" / "status.json").read_text())
     assert failed["status"] == "failed" and "nan" in failed["error"]
     df = aggregate(sweep)

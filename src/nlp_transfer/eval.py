@@ -15,6 +15,7 @@ from nlp_transfer.data.errors import ConfigError, config_flag
 from nlp_transfer.utils.config_tree import print_config_tree
 from nlp_transfer.utils.io import atomic_write_json, guard_new_output
 from nlp_transfer.utils.resolvers import CONFIG_DIR
+from nlp_transfer.validation import check_eval_data
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         overrides.update(
             data_dir=str(cfg.data_dir), train_file=None, validation_file=None, test_file=None
         )
+    check_eval_data(run.task, run.path, cfg.get("data_dir"), overrides)  # the other task's?
     module, datamodule = restore(
         run,
         overrides,

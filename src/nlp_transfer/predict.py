@@ -21,6 +21,7 @@ from nlp_transfer.checkpoint import read_checkpoint, restore
 from nlp_transfer.data.alignment import merge_window_predictions
 from nlp_transfer.data.conll import read_conll
 from nlp_transfer.data.errors import DataError, config_flag
+from nlp_transfer.data.readers import DEFAULT_ENCODING, decode_text, read_text_file
 from nlp_transfer.data.sequence_labeling import split_words
 from nlp_transfer.data.tags import entities_from_tags, tags_from_entities
 from nlp_transfer.module import TransferModule
@@ -29,32 +30,74 @@ from nlp_transfer.utils.resolvers import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
+CONLL_SUFFIXES = (".conll", ".bio")  # pre-tokenized input; anything else is raw text
 
-def read_inputs(source: str, text_field: str = "text") -> list[str]:
-    """Texts from stdin (``-``), a ``.jsonl`` file (field ``text_field``) or a text file."""
+
+def read_inputs(
+    source: str, text_field: str = "text", encoding: str = DEFAULT_ENCODING
+) -> list[str]:
+    """Texts from stdin (``-``), a ``.jsonl`` file (field ``text_field``) or a text file
+    (one text per line), decoded with ``encoding`` (the ``encoding=`` option)."""
     if source == "-":
-        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    path = Path(source)
-    if not path.is_file():
-        raise DataError(f"{path}: input file not found (input=)")
+        name = "stdin (input=-)"
+        text = decode_text(sys.stdin.buffer.read(), name, encoding, "encoding")
+        jsonl = False
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"{path}: input file not found (input=)")
+        name, jsonl = str(path), path.suffix == ".jsonl"
+        text = read_text_file(path, encoding, "encoding")
     texts = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-                if text_field not in row:
-                    raise DataError(f"{path}:{line_no}: no field '{text_field}' (text_field=)")
-                texts.append(str(row[text_field]))
-            else:
-                texts.append(line.rstrip("\n"))
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            continue
+        if not jsonl:
+            texts.append(line)
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{name}:{line_no}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{name}:{line_no}: expected a JSON object with a '{text_field}' field, got "
+                f"{type(row).__name__} {line.strip()[:40]!r}"
+            )
+        if text_field not in row:
+            raise DataError(
+                f"{name}:{line_no}: no field '{text_field}' (text_field=); fields: {sorted(row)}"
+            )
+        if not isinstance(row[text_field], str):
+            raise DataError(
+                f"{name}:{line_no}: field '{text_field}' is {type(row[text_field]).__name__}, "
+                "not a string"
+            )
+        texts.append(row[text_field])
     if not texts:
-        raise DataError(f"{source}: no input texts")
+        raise DataError(f"{name}: no input texts (empty input)")
     return texts
+
+
+def check_predict_input(source: str, task: str, ckpt: Path) -> None:
+    """Refuse CoNLL input for a classification checkpoint (it would classify each token)."""
+    if task != "sequence_labeling" and Path(source).suffix in CONLL_SUFFIXES:
+        raise DataError(
+            f"{source}: a CoNLL token file (input=), but {ckpt} is a {task} checkpoint; give "
+            "it a .txt (one text per line) or .jsonl file, or use a sequence_labeling checkpoint"
+        )
+
+
+def conll_reader_options(data_cfg: Any) -> dict[str, Any]:
+    """The CoNLL reader settings of a checkpoint's data config (tags are not read)."""
+    data_cfg = data_cfg or {}
+    return {
+        "token_column": int(data_cfg.get("token_column", 0)),
+        "separator": data_cfg.get("separator"),
+        "comment_prefix": data_cfg.get("comment_prefix", "#"),
+        "docstart": data_cfg.get("docstart", "-DOCSTART-"),
+    }
 
 
 @torch.no_grad()  # not inference_mode: CRF marginals need autograd
@@ -77,20 +120,31 @@ def predict_texts(
 
 
 def read_word_inputs(
-    source: str, text_field: str = "text"
+    source: str,
+    text_field: str = "text",
+    conll_options: dict[str, Any] | None = None,
+    encoding: str = DEFAULT_ENCODING,
 ) -> list[tuple[str, list[str], list[tuple[int, int]]]]:
     """Sentences for sequence labeling: raw text split into words (with character offsets),
-    or pre-tokenized CoNLL input (``.conll``: one token per line, tags ignored)."""
-    if source != "-" and Path(source).suffix == ".conll":
+    or pre-tokenized CoNLL input (``.conll``/``.bio``: tags ignored) read with
+    ``conll_options`` (the checkpoint's reader settings, :func:`conll_reader_options`);
+    every input is decoded with ``encoding`` (predict's ``encoding=`` option)."""
+    if source != "-" and Path(source).suffix in CONLL_SUFFIXES:
+        options = {
+            **(conll_options or {}),
+            "tag_column": None,
+            "encoding": encoding,
+            "encoding_option": "encoding",
+        }
         items = []
-        for sentence in read_conll(source, tag_column=None):
+        for sentence in read_conll(source, **options):
             spans, pos = [], 0
             for word in sentence.tokens:
                 spans.append((pos, pos + len(word)))
                 pos += len(word) + 1
             items.append((" ".join(sentence.tokens), list(sentence.tokens), spans))
         return items
-    return [(text, *split_words(text)) for text in read_inputs(source, text_field)]
+    return [(text, *split_words(text)) for text in read_inputs(source, text_field, encoding)]
 
 
 @torch.no_grad()  # not inference_mode: CRF marginals need autograd
@@ -153,18 +207,24 @@ def predict(cfg: DictConfig) -> Path:
     )
     guard_new_output(out_path, "prediction file")
     run = read_checkpoint(cfg.ckpt_path)
+    check_predict_input(str(cfg.input), run.task, run.path)
+    text_field = cfg.get("text_field", "text")
+    encoding = str(cfg.get("encoding") or DEFAULT_ENCODING)
+    # inputs are read (and checked) before the model is built
+    if run.task == "sequence_labeling":
+        # the checkpoint's reader settings (eval's datamodule is built from them too)
+        options = conll_reader_options(run.config.get("data"))
+        items = read_word_inputs(str(cfg.input), text_field, options, encoding)
+    else:
+        texts = read_inputs(str(cfg.input), text_field, encoding)
     module, datamodule = restore(
         run, trust_remote_code=config_flag(cfg.get("trust_remote_code"), "trust_remote_code")
     )
-    text_field = cfg.get("text_field", "text")
     if run.task == "sequence_labeling":
-        items = read_word_inputs(str(cfg.input), text_field)
         scheme = run.config.data.get("train_scheme", "IOB2")
         rows = predict_entities(module, datamodule, items, int(cfg.batch_size), scheme)
     else:
-        rows = predict_texts(
-            module, datamodule, read_inputs(str(cfg.input), text_field), int(cfg.batch_size)
-        )
+        rows = predict_texts(module, datamodule, texts, int(cfg.batch_size))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     count = 0

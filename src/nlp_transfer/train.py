@@ -57,6 +57,7 @@ from nlp_transfer.training.resume import (
 from nlp_transfer.utils.config_tree import print_config_tree
 from nlp_transfer.utils.io import OutputExistsError, atomic_write_json
 from nlp_transfer.utils.resolvers import CONFIG_DIR
+from nlp_transfer.validation import validate_train_config
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,7 @@ def _final_metrics(results: list[dict[str, float]]) -> dict[str, float]:
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit, validate and test the best checkpoint; write ``metrics.json``."""
     check_required(cfg)
+    validate_train_config(cfg)  # bad values, head/strategy/monitor that do not fit the task
     if cfg.head.get("kind") == "sklearn":  # SVM / random forest / logreg on frozen features
         from nlp_transfer.features.sklearn_train import train_sklearn
 

@@ -159,7 +159,8 @@ class TransferDataModule(LightningDataModule):
         if not self.data_dir.is_dir():
             raise DataError(f"{self.data_dir}: data directory not found (data.data_dir)")
         path = find_split_file(self.data_dir, split, self.suffixes)
-        if path is None and split == "train":
+        # labels given (a checkpoint's): evaluating a folder with only a test file is fine
+        if path is None and split == "train" and self.fixed_labels is None:
             raise DataError(
                 f"{self.data_dir}: no train file; expected one of "
                 f"{[f'train{s}' for s in self.suffixes]}"
@@ -177,7 +178,12 @@ class TransferDataModule(LightningDataModule):
             if path is not None:
                 self.examples[split] = self.read_split(path)
                 self.sources[split] = str(path)
-        if "validation" not in self.examples:
+        if not self.examples:
+            raise DataError(
+                f"{self.data_dir}: no data files; expected {SPLITS[0]}/{SPLITS[1]}/{SPLITS[2]} "
+                f"with one of {list(self.suffixes)}"
+            )
+        if "validation" not in self.examples and "train" in self.examples:
             self._carve_validation()
         self._slice()
         if self.fixed_labels is not None:
@@ -186,16 +192,26 @@ class TransferDataModule(LightningDataModule):
             self.vocab = LabelVocab.from_labels(
                 lab for ex in self.examples["train"] for lab in self.labels_of(ex)
             )
+            if len(self.vocab) < 2:
+                raise DataError(
+                    f"{self.sources['train']}: the training data has {len(self.vocab)} "
+                    f"label(s) {self.vocab.labels}; a model needs at least two to learn "
+                    "anything. Check data.label_field / data.tag_column, or add examples."
+                )
         for split in ("validation", "test"):
             for ex in self.examples.get(split, []):
                 for lab in self.labels_of(ex):
                     if lab not in self.vocab:
-                        self.vocab.encode(lab, source=self._example_source(ex))
+                        self.vocab.encode(lab, source=self._label_source(ex, lab))
         counts = {k: len(v) for k, v in self.examples.items()}
         log.info("data %s: %s examples, %d labels", self.task, counts, len(self.vocab))
 
     def _example_source(self, example: Any) -> str:
         return str(getattr(example, "source", ""))
+
+    def _label_source(self, example: Any, label: str) -> str:
+        """Where ``label`` occurs in ``example`` (file:line), for error messages."""
+        return self._example_source(example)
 
     def _carve_validation(self) -> None:
         train = self.examples["train"]
@@ -214,7 +230,7 @@ class TransferDataModule(LightningDataModule):
 
     def _slice(self) -> None:
         """Deterministic prefixes, so a slice is the same in every run and every process."""
-        if self.max_train_examples:
+        if self.max_train_examples and "train" in self.examples:
             self.examples["train"] = self.examples["train"][: self.max_train_examples]
         if self.max_eval_examples:
             for split in ("validation", "test"):

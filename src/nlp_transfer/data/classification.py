@@ -10,7 +10,7 @@ import torch
 from nlp_transfer.data.base import TransferDataModule
 from nlp_transfer.data.errors import DataError
 from nlp_transfer.data.padding import pad_to
-from nlp_transfer.data.readers import Example, read_classification_file
+from nlp_transfer.data.readers import DEFAULT_ENCODING, Example, read_classification_file
 
 
 class ClassificationDataModule(TransferDataModule):
@@ -22,6 +22,8 @@ class ClassificationDataModule(TransferDataModule):
             with ``hf_data_files`` (a dict split → file) for local files.
         hf_config: the hub dataset's configuration name.
         hf_splits: our split name → the dataset's split name.
+        encoding: text encoding of local files (default ``utf-8-sig``: UTF-8 with or
+            without a byte-order mark).
     """
 
     task = "classification"
@@ -37,9 +39,11 @@ class ClassificationDataModule(TransferDataModule):
         hf_config: str | None = None,
         hf_data_files: dict[str, str] | None = None,
         hf_splits: dict[str, str] | None = None,
+        encoding: str = DEFAULT_ENCODING,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.encoding = encoding
         self.text_field = text_field
         self.text_pair_field = text_pair_field
         self.label_field = label_field
@@ -52,7 +56,7 @@ class ClassificationDataModule(TransferDataModule):
 
     def read_split(self, path: Path) -> list[Example]:
         return read_classification_file(
-            path, self.text_field, self.label_field, self.text_pair_field
+            path, self.text_field, self.label_field, self.text_pair_field, self.encoding
         )
 
     def load_examples(self) -> None:
@@ -88,13 +92,24 @@ class ClassificationDataModule(TransferDataModule):
                     raise DataError(f"{src}: no column '{col}'; columns: {ds.column_names}")
             exs = []
             for i, row in enumerate(ds):
+                where = f"{src} row {i}"
                 label = row[self.label_field]
+                if names is None and (isinstance(label, bool) or not isinstance(label, str | int)):
+                    raise DataError(
+                        f"{where}: label {label!r:.60} ({type(label).__name__}) is not a string "
+                        f"or an integer; refusing to turn it into a class name"
+                    )
+                for field in (self.text_field, self.text_pair_field):
+                    if field and not isinstance(row[field], str):
+                        raise DataError(
+                            f"{where}: field '{field}' is {type(row[field]).__name__}, not a string"
+                        )
                 exs.append(
                     Example(
-                        text=str(row[self.text_field]),
+                        text=row[self.text_field],
                         label=names[label] if names is not None else str(label),
-                        text_pair=str(row[self.text_pair_field]) if self.text_pair_field else None,
-                        source=f"{src} row {i}",
+                        text_pair=row[self.text_pair_field] if self.text_pair_field else None,
+                        source=where,
                     )
                 )
             if not exs:

@@ -4,17 +4,22 @@ Public API::
 
     Sentence(tokens, tags, source, line, line_numbers)      # dataclass
     read_conll(path, *, token_column=0, tag_column=-1, separator=None, comment_prefix="#",
-               docstart="-DOCSTART-", num_columns=None, encoding="utf-8-sig") -> list[Sentence]
+               docstart="-DOCSTART-", num_columns=None, encoding="utf-8-sig",
+               encoding_option="data.encoding") -> list[Sentence]
     write_conll(path, sentences, separator=" ") -> None
     read_hf_token_dataset(name_or_path, split, tokens_field="tokens", tags_field="ner_tags",
                           *, label_names=None, **load_kwargs) -> list[Sentence]
 
 CoNLL format: one token per line, columns split by ``separator`` (``None`` = any run of
 whitespace, or e.g. ``"\\t"``); blank lines separate sentences; ``-DOCSTART-`` lines (first
-column) are skipped and also end a sentence. Comment lines start with ``comment_prefix`` and are
-only recognised *between* sentences (as in CoNLL-U), so a ``#`` token inside a sentence is read
-as a token; ``comment_prefix=None`` disables comments. Every token line must have the same number
-of columns as the first token line (or ``num_columns``). Line numbers are 1-based. Errors are
+column) are skipped and also end a sentence. Every token line must have the same number of
+columns as the first token line (or ``num_columns``). A comment is a line that starts with
+``comment_prefix``, comes *between* sentences (as in CoNLL-U) and cannot be a token line
+because its number of columns differs from the token lines' (``# sent_id = 3`` in a
+two-column file). Any other line is data: a sentence-initial ``#hashtag O`` stays a token.
+Skipped comment lines are counted and logged as a warning with the first ``file:line``;
+``comment_prefix=None`` disables comments. Columns are numbered from 0 (negative numbers count
+from the end); line numbers are 1-based. Errors are
 :class:`~nlp_transfer.data.errors.DataError` naming ``file:line``.
 
 Tags are returned as they are in the file; check/repair them with
@@ -24,6 +29,7 @@ Tags are returned as they are in the file; check/repair them with
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from nlp_transfer.data.errors import DataError, where
+from nlp_transfer.data.readers import decode_text
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,12 +75,14 @@ def read_conll(
     docstart: str | None = "-DOCSTART-",
     num_columns: int | None = None,
     encoding: str = "utf-8-sig",
+    encoding_option: str = "data.encoding",
 ) -> list[Sentence]:
     """Read a CoNLL-style column file into sentences (see the module docstring for the format).
 
     ``token_column`` / ``tag_column`` index the columns (negative counts from the end);
     ``tag_column=None`` reads tokens only. Raises :class:`DataError` for a line with the wrong
-    number of columns, an empty token or tag, or a file without any sentence.
+    number of columns, an empty token or tag, undecodable bytes (naming ``encoding_option``),
+    or a file without any sentence.
     """
     source = str(path)
     sentences: list[Sentence] = []
@@ -96,29 +107,45 @@ def read_conll(
         lines.clear()
 
     try:
-        text = Path(path).read_text(encoding=encoding)
+        data = Path(path).read_bytes()
     except OSError as err:
         raise DataError(f"{source}: cannot read CoNLL file ({err.strerror})") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{source}: not valid {encoding} text ({err.reason})") from None
+    text = decode_text(data, source, encoding, encoding_option)
     # split on "\n" only: str.splitlines() would also split on characters such as U+2028
-    for number, raw in enumerate(text.split("\n"), start=1):
-        line = raw.rstrip("\r\n")
+    raw_lines = [raw.rstrip("\r\n") for raw in text.split("\n")]
+    if expected is None and comment_prefix:  # the token lines' width decides what a comment is
+        expected = _first_token_width(raw_lines, separator, comment_prefix, docstart)
+    comments: list[int] = []
+    width_line = ""  # the line that set the expected number of columns
+    for number, line in enumerate(raw_lines, start=1):
         if not line.strip():
             flush()
             continue
-        if not tokens and comment_prefix and line.startswith(comment_prefix):
-            continue
         columns = _split(line, separator)
+        if (
+            not tokens
+            and comment_prefix
+            and line.startswith(comment_prefix)
+            and len(columns) != expected
+        ):
+            comments.append(number)
+            continue
         if docstart is not None and columns and columns[0].strip() == docstart:
             flush()
             continue
         if expected is None:
-            expected = len(columns)
+            expected, width_line = len(columns), line
         if len(columns) != expected:
+            looks_commented = [x for x in (width_line, line) if x.lstrip()[:1] in "#%;"]
+            hint = (
+                f"; if {looks_commented[0]!r} is a comment, set data.comment_prefix to its "
+                "first character"
+                if looks_commented and not comment_prefix
+                else ""
+            )
             raise DataError(
                 f"{where(source, number)}: expected {expected} columns "
-                f"(separator={separator!r}), found {len(columns)} in {line!r}"
+                f"(separator={separator!r}), found {len(columns)} in {line!r}{hint}"
             )
         wanted = [token_column] + ([tag_column] if tag_column is not None else [])
         for column in wanted:
@@ -142,9 +169,33 @@ def read_conll(
             tags.append(tag)
         lines.append(number)
     flush()
+    if comments:
+        log.warning(
+            "%s: skipped %d comment line(s) starting with %r (first: %s); they cannot be "
+            "token lines (not %s columns). data.comment_prefix=null reads every line as data",
+            source,
+            len(comments),
+            comment_prefix,
+            where(source, comments[0]),
+            expected,
+        )
     if not sentences:
         raise DataError(f"{source}: no sentences found (is this a CoNLL column file?)")
     return sentences
+
+
+def _first_token_width(
+    lines: list[str], separator: str | None, comment_prefix: str, docstart: str | None
+) -> int | None:
+    """Columns of the first line that is neither blank, a comment candidate nor -DOCSTART-."""
+    for line in lines:
+        if not line.strip() or line.startswith(comment_prefix):
+            continue
+        columns = _split(line, separator)
+        if docstart is not None and columns and columns[0].strip() == docstart:
+            continue
+        return len(columns)
+    return None
 
 
 def write_conll(

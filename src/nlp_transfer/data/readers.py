@@ -2,18 +2,33 @@
 
 Each reader yields :class:`Example` records and raises :class:`DataError` naming the
 file and line of anything malformed.
+
+Decisions on ambiguous input (nothing is silently reinterpreted):
+
+- text fields must be strings (JSONL); a number, list, object or null is an error;
+- labels must be JSON strings or integers (not booleans, floats, lists or objects), and all
+  labels of one file must be of one of these two types: ``1`` and ``1.0`` or ``1`` and
+  ``"1"`` can therefore never become two classes. An integer label is its decimal string
+  (``1`` is the class ``"1"``);
+- ``.tsv`` files are read without CSV quoting (``csv.QUOTE_NONE``): a ``"`` is an ordinary
+  character; ``.csv`` files use standard CSV quoting;
+- files are decoded with ``encoding`` (default ``utf-8-sig``: UTF-8, with or without a
+  byte-order mark); undecodable bytes are an error naming the line and ``data.encoding``.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nlp_transfer.data.errors import DataError
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+DEFAULT_ENCODING = "utf-8-sig"
 
 
 @dataclass(frozen=True)
@@ -24,6 +39,34 @@ class Example:
     label: str | None
     text_pair: str | None = None
     source: str = ""  # "file:line" for error messages
+
+
+def decode_text(
+    data: bytes, source: str, encoding: str = DEFAULT_ENCODING, option: str = "data.encoding"
+) -> str:
+    """``data`` decoded, or a :class:`DataError` naming ``source:line`` of the first bad byte
+    and the config ``option`` that sets the encoding."""
+    try:
+        return data.decode(encoding)
+    except LookupError:
+        raise DataError(f"{option}={encoding!r} is not a known text encoding") from None
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{source}:{line}: not valid {encoding} text ({err.reason} at byte {err.start}); "
+            f"convert the file to UTF-8 or set {option}=<its encoding> (e.g. latin-1, cp1252)"
+        ) from None
+
+
+def read_text_file(
+    path: Path, encoding: str = DEFAULT_ENCODING, option: str = "data.encoding"
+) -> str:
+    """A whole text file, decoded with :func:`decode_text`."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read file ({err.strerror})") from None
+    return decode_text(data, str(path), encoding, option)
 
 
 def find_split_file(data_dir: Path, split: str, suffixes: tuple[str, ...]) -> Path | None:
@@ -42,6 +85,7 @@ def read_classification_file(
     text_field: str = "text",
     label_field: str | None = "label",
     text_pair_field: str | None = None,
+    encoding: str = DEFAULT_ENCODING,
 ) -> list[Example]:
     """Read a JSONL/CSV/TSV file. ``label_field=None`` reads unlabelled text."""
     path = Path(path)
@@ -51,8 +95,10 @@ def read_classification_file(
     if fmt is None:
         raise DataError(f"{path}: unknown file type '{path.suffix}'; use one of {sorted(FORMATS)}")
     fields = [f for f in (text_field, text_pair_field, label_field) if f]
-    rows = _read_jsonl(path) if fmt == "jsonl" else _read_delimited(path, fmt, fields)
+    text = read_text_file(path, encoding)
+    rows = _read_jsonl(path, text) if fmt == "jsonl" else _read_delimited(path, text, fmt, fields)
     examples = []
+    label_type: tuple[type, int] | None = None  # (type, line) of the first label
     for line, row in rows:
         missing = [f for f in fields if f not in row or row[f] is None]
         if missing:
@@ -60,14 +106,26 @@ def read_classification_file(
                 f"{path}:{line}: missing field(s) {missing}; fields present: {sorted(row)}. "
                 "Set data.text_field / data.label_field / data.text_pair_field."
             )
-        text = str(row[text_field])
-        if not text.strip():
+        texts = [_text_value(row[f], f, path, line) for f in (text_field, text_pair_field) if f]
+        if not texts[0].strip():
             raise DataError(f"{path}:{line}: empty text in field '{text_field}'")
+        label = None
+        if label_field:
+            value = row[label_field]
+            label = _label_value(value, label_field, path, line)
+            if label_type is None:
+                label_type = (type(value), line)
+            elif type(value) is not label_type[0]:
+                raise DataError(
+                    f"{path}:{line}: label {value!r} ({_json_type(value)}) is not of the type "
+                    f"of the label on line {label_type[1]} ({_json_type(label_type[0])}); "
+                    f"use one type for every '{label_field}' value of the file"
+                )
         examples.append(
             Example(
-                text=text,
-                label=str(row[label_field]) if label_field else None,
-                text_pair=str(row[text_pair_field]) if text_pair_field else None,
+                text=texts[0],
+                label=label,
+                text_pair=texts[1] if text_pair_field else None,
                 source=f"{path}:{line}",
             )
         )
@@ -76,28 +134,63 @@ def read_classification_file(
     return examples
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+def _json_type(value: Any) -> str:
+    kind = value if isinstance(value, type) else type(value)
+    names = {str: "string", int: "integer", float: "number", bool: "boolean"}
+    return names.get(kind, {list: "list", dict: "object"}.get(kind, kind.__name__))
+
+
+def _text_value(value: Any, field: str, path: Path, line: int) -> str:
+    if not isinstance(value, str):
+        raise DataError(
+            f"{path}:{line}: field '{field}' is not a string ({_json_type(value)} "
+            f"{value!r:.60}); texts must be JSON strings"
+        )
+    return value
+
+
+def _label_value(value: Any, field: str, path: Path, line: int) -> str:
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{path}:{line}: empty label in field '{field}'")
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise DataError(
+        f"{path}:{line}: label {value!r:.60} in field '{field}' is not a string or an "
+        f"integer ({_json_type(value)}); a float such as 1.0 is refused so that it cannot "
+        "become a class apart from 1"
+    )
+
+
+def _split_lines(text: str) -> list[str]:
+    # "\n" only: str.splitlines() also splits on U+2028 etc., which JSON strings may contain
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def _read_jsonl(path: Path, text: str) -> list[tuple[int, dict]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(
-                    f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}"
-                )
-            rows.append((line_no, row))
+    for line_no, line in enumerate(_split_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line_no}: expected a JSON object, got {_json_type(row)}")
+        rows.append((line_no, row))
     return rows
 
 
-def _read_delimited(path: Path, fmt: str, fields: list[str]) -> list[tuple[int, dict]]:
-    delimiter = "\t" if fmt == "tsv" else ","
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
+def _read_delimited(path: Path, text: str, fmt: str, fields: list[str]) -> list[tuple[int, dict]]:
+    if fmt == "tsv":  # no quoting: a field starting with '"' must not swallow rows
+        reader = csv.DictReader(
+            io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE
+        )
+    else:
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=",")
+    try:
         header = reader.fieldnames or []
         absent = [x for x in fields if x not in header]
         if absent:
@@ -112,5 +205,13 @@ def _read_delimited(path: Path, fmt: str, fields: list[str]) -> list[tuple[int, 
                     f"{path}:{reader.line_num}: {len(header) + len(row[None])} cells but the "
                     f"header has {len(header)} columns"
                 )
+            short = [k for k, v in row.items() if v is None]
+            if short:  # fewer cells than header columns
+                raise DataError(
+                    f"{path}:{reader.line_num}: {len(header) - len(short)} cells but the "
+                    f"header has {len(header)} columns (missing {short})"
+                )
             rows.append((reader.line_num, row))
+    except csv.Error as err:
+        raise DataError(f"{path}:{reader.line_num}: malformed {fmt.upper()} ({err})") from None
     return rows

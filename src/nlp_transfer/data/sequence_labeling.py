@@ -34,12 +34,20 @@ def split_words(text: str) -> tuple[list[str], list[tuple[int, int]]]:
     return words, spans
 
 
+def _scheme(name: str, key: str) -> str:
+    try:
+        return normalize_scheme(name)
+    except ConfigError as err:
+        raise ConfigError(f"{key}: {err}") from None
+
+
 class SequenceLabelingDataModule(TransferDataModule):
     """CoNLL-style files (``train.conll`` [``validation.conll``] [``test.conll``]) or a HF
     token-classification dataset (``hf_dataset``).
 
     Args beyond :class:`TransferDataModule`:
-        token_column / tag_column / separator / comment_prefix / docstart: file format.
+        token_column / tag_column / separator / comment_prefix / docstart / encoding: file
+            format (see :func:`~nlp_transfer.data.conll.read_conll`; columns count from 0).
         tag_scheme: scheme of the files (IOB1, IOB2/BIO, BIOES).
         train_scheme: scheme the model predicts (IOB2 or BIOES).
         invalid_tags: ``convert`` (repair ``I-X`` after ``O`` into ``B-X``), ``reject``, ``warn``.
@@ -70,13 +78,15 @@ class SequenceLabelingDataModule(TransferDataModule):
         hf_splits: dict[str, str] | None = None,
         tokens_field: str = "tokens",
         tags_field: str = "ner_tags",
+        encoding: str = "utf-8-sig",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.encoding = encoding
         self.token_column, self.tag_column = token_column, tag_column
         self.separator, self.comment_prefix, self.docstart = separator, comment_prefix, docstart
-        self.tag_scheme = normalize_scheme(tag_scheme)
-        self.train_scheme = normalize_scheme(train_scheme)
+        self.tag_scheme = _scheme(tag_scheme, "data.tag_scheme")
+        self.train_scheme = _scheme(train_scheme, "data.train_scheme")
         if self.train_scheme == "IOB1":
             raise ConfigError("data.train_scheme must be IOB2 or BIOES (IOB1 is for reading files)")
         if invalid_tags not in POLICIES:
@@ -100,6 +110,7 @@ class SequenceLabelingDataModule(TransferDataModule):
             separator=self.separator,
             comment_prefix=self.comment_prefix,
             docstart=self.docstart,
+            encoding=self.encoding,
         )
         return [self._normalise(s) for s in sentences]
 
@@ -152,6 +163,12 @@ class SequenceLabelingDataModule(TransferDataModule):
 
     def _example_source(self, example: Sentence) -> str:
         return f"{example.source}:{example.line}"
+
+    def _label_source(self, example: Sentence, label: str) -> str:
+        lines, tags = example.line_numbers, example.tags or []
+        if lines is None or label not in tags:
+            return self._example_source(example)
+        return f"{example.source}:{lines[tags.index(label)]}"
 
     # -- tokenization ------------------------------------------------------------------------
     def to_columns(self, examples: list[Sentence]) -> dict[str, list[Any]]:

@@ -26,6 +26,8 @@ def pool_tokens(features: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.
 class SequenceClassificationHead(nn.Module):
     """Linear head (``hidden_dim=None``) or a one-hidden-layer MLP with dropout."""
 
+    task = "classification"  # the task it fits (checked at start: nlp_transfer.validation)
+
     def __init__(
         self,
         input_size: int,

@@ -232,6 +232,8 @@ class CRFHead(nn.Module):
     ``labels`` (the id -> tag list) and ``scheme`` are needed when ``constrained=True``.
     """
 
+    task = "sequence_labeling"  # the task it fits (checked at start: nlp_transfer.validation)
+
     def __init__(
         self,
         input_size: int,

@@ -50,6 +50,8 @@ def build_classifier(
 class TokenHead(nn.Module):
     """Independent per-word softmax classifier over word features."""
 
+    task = "sequence_labeling"  # the task it fits (checked at start: nlp_transfer.validation)
+
     def __init__(
         self,
         input_size: int,
