@@ -95,7 +95,7 @@ class Hardware:
         if self.device == "cpu":
             flags = ", ".join(self.flags) or "none of " + "/".join(CPU_FLAGS)
             return f"CPU {self.name}, {self.cores} cores, flags {flags}"
-        return f"{self.device} {self.name}"
+        return f"{self.device} {self.name}".strip()
 
 
 def cpu_features() -> dict[str, Any]:
@@ -198,7 +198,7 @@ def auto_precision(hw: Hardware) -> tuple[str, str]:
         return "bf16-mixed", f"CPU with native bf16: {hw.describe()}"
     if hw.kind == CPU:
         return "32-true", f"CPU without native bf16 (AVX512-BF16/AMX): {hw.describe()}"
-    return "32-true", f"{hw.device}: no tested mixed precision, fp32"
+    return "32-true", f"{hw.describe()}: no tested mixed precision here, fp32"
 
 
 def resolve_precision(requested: Any, hw: Hardware) -> tuple[Any, str]:
@@ -294,3 +294,40 @@ def metrics_record(cfg: DictConfig) -> dict[str, Any]:
     speed = record.pop("speed", None) or {}
     record.update({f"speed/{k}": v for k, v in speed.items()})
     return record
+
+
+def fingerprint() -> dict[str, Any]:
+    """This machine as benchmarks record it: CPU model, flags and cores, the GPU, the torch
+    build. Results with different fingerprints are never compared in one table."""
+    cpu = cpu_features()
+    gpu = None
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        gpu = f"{torch.cuda.get_device_name()} (sm {major}.{minor})"
+    return {
+        "cpu": cpu["name"],
+        "arch": cpu["arch"],
+        "cpu_flags": list(cpu["flags"]),
+        "cpu_native_bf16": cpu["bf16"],
+        "cores": cpu["cores"],
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+    }
+
+
+def describe_fingerprint(fp: Mapping[str, Any]) -> str:
+    """One line for benchmark output."""
+    flags = {f: f in fp.get("cpu_flags", ()) for f in CPU_FLAGS}
+    shown = ", ".join(f"{f} {'yes' if on else 'no'}" for f, on in flags.items())
+    gpu = f"; GPU {fp['gpu']}" if fp.get("gpu") else "; no GPU"
+    return f"CPU {fp.get('cpu')} ({fp.get('arch')}), {fp.get('cores')} cores, {shown}{gpu}; torch {fp.get('torch')}"
+
+
+def fingerprint_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """The fields in which two fingerprints differ (``key: a != b``)."""
+    return [
+        f"{k}: {a.get(k)!r} != {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
