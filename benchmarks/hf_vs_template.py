@@ -2,15 +2,26 @@
 
 Usage (from the repository root)::
 
+    # the template's defaults (trainer.precision=auto, speed knobs auto) against HF's
+    # candidates for this hardware kind (bf16 only where the CPU/GPU has it natively)
+    .venv/bin/python benchmarks/hf_vs_template.py --task conll2003 --max-train 14041 --repeat 3
+    .venv/bin/python benchmarks/hf_vs_template.py --task sst2 --max-train 8000 --repeat 3
+    # more template rows: any Hydra overrides, "defaults" for none
     .venv/bin/python benchmarks/hf_vs_template.py --task conll2003 --max-train 14041 \
-        --template-variant "trainer=bf16 data.length_grouping=false optimizer.fused=false" \
-        --template-variant "trainer=bf16"
-    .venv/bin/python benchmarks/hf_vs_template.py --task sst2 --max-train 8000
+        --template-variant defaults --template-variant "optimizer=lazy_adamw"
     # frozen encoder: HF recomputes the encoder every epoch, the template reads its
     # feature cache (filled by an untimed first run, as in a sweep's later jobs)
     .venv/bin/python benchmarks/hf_vs_template.py --task sst2 --max-train 8000 --lr 1e-3 \
         --hf-variant bf16_frozen --hf-variant bf16_grouped_frozen \
-        --template-variant "trainer=bf16 strategy=frozen features.cache=true"
+        --template-variant "strategy=frozen features.cache=true"
+    # add rounds to an earlier results file of the SAME machine (refused otherwise)
+    .venv/bin/python benchmarks/hf_vs_template.py --task sst2 --max-train 8000 \
+        --append-to results_sst2.json
+
+The script prints this machine's hardware first (CPU model, avx2 / avx512_f / avx512_bf16 /
+amx flags, cores, GPU, torch build) and stores it with the results; every run records the
+precision it trained in (the template's as ``auto`` resolved it). Results of different
+machines are never put in one table (``--append-to`` refuses them).
 
 Every run (HF fp32, HF bf16 + length grouping, each ``--template-variant``) is a separate
 subprocess (the script re-invokes itself with ``--single``), so peak RSS is per run. Both

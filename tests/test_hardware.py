@@ -195,3 +195,44 @@ def test_default_sst2_run_resolves_to_what_the_probe_reports(
     assert (
         any(isinstance(c, EmbeddingGradBuffer) for c in callbacks) is (row["embedding_grad_buffer"])
     )
+
+
+def test_sklearn_and_multitask_runs_resolve_auto_too(make_cfg, monkeypatch) -> None:
+    """The other entry paths of ``train``, on a (mocked) AVX2-only CPU: an sklearn head on
+    frozen features (whose encoder pass follows the trainer's precision) and a multi-task
+    run."""
+    from nlp_transfer.train import train
+
+    hw = CPU_AVX2
+    _probe(monkeypatch, hw)
+    want = auto_precision(hw)[0]
+    metrics, _ = train(
+        make_cfg(
+            "head=logreg",
+            "trainer.precision=auto",
+            "data.max_train_examples=32",
+            "data.max_eval_examples=16",
+            "test=false",
+            run="sklearn",
+        )
+    )
+    assert metrics["precision"] == want and metrics["hardware"] == hw.kind
+    assert metrics["feature_precision"] == ("bf16" if hw.bf16 else "32")
+    metrics, objects = train(
+        make_cfg(
+            "experiment=multitask_demo",
+            "encoder=tiny",
+            "trainer.precision=auto",
+            "tasks.sentiment.data.max_train_examples=16",
+            "tasks.ner.data.max_train_examples=16",
+            "tasks.sentiment.data.max_eval_examples=8",
+            "tasks.ner.data.max_eval_examples=8",
+            "+trainer.max_steps=2",
+            "callbacks.model_checkpoint=null",
+            "test=false",
+            run="multitask",
+        )
+    )
+    assert metrics["precision"] == want == str(objects["trainer"].precision)
+    assert metrics["speed/fast_dropout"] is True  # both CPU kinds: on
+    assert objects["module"].clip_norm_shortcut is True
