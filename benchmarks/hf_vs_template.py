@@ -743,7 +743,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     machine = fingerprint()
     print(f"hardware: {describe_fingerprint(machine)}", flush=True)
-    previous = load_comparable(Path(args.append_to), machine) if args.append_to else None
+    settings = comparable_settings(args)
+    previous = load_comparable(Path(args.append_to), machine, settings) if args.append_to else None
     hf_variants, template_variants = planned_variants(args)
     specs: list[dict[str, Any]] = [
         {"kind": "hf", "variant": v, "label": HF_VARIANTS[v]} for v in hf_variants if v != "none"
@@ -813,7 +814,7 @@ def main(argv: list[str] | None = None) -> None:
         f"batch {args.batch_size}, lr {args.lr}, max length {args.max_length}, seed {args.seed}"
     )
     print(table(rows, peak, args.epochs))
-    if args.repeat > 1:
+    if len({x["round"] for x in runs}) > 1:
         for spec in specs:
             times = [f"{x['train_s']:.1f}" for x in runs if x["label"] == spec["label"]]
             print(f"  {spec['label']}: train s of each repeat {', '.join(times)} (table: fastest)")
@@ -825,7 +826,7 @@ def main(argv: list[str] | None = None) -> None:
         f"(of {rows[0]['params']:,}); padding = share of padded positions in training batches."
     )
     print(f"load average after: {os.getloadavg()}")
-    results = {"hardware": machine, "peak": peak, "runs": runs}
+    results = {"hardware": machine, "settings": settings, "peak": peak, "runs": runs}
     for out in {args.json_out, args.append_to} - {None}:
         Path(out).write_text(json.dumps(results, indent=2))
 
@@ -838,9 +839,18 @@ def planned_variants(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     return [v for v in hf if v != "none"], [v for v in template if v != "none"]
 
 
-def load_comparable(path: Path, machine: dict[str, Any]) -> dict[str, Any] | None:
+def comparable_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The work every run of one table must share (the seed may differ)."""
+    keys = ("task", "max_train", "max_eval", "epochs", "batch_size", "lr", "max_length")
+    return {k: getattr(args, k) for k in keys}
+
+
+def load_comparable(
+    path: Path, machine: dict[str, Any], settings: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """Earlier results to tabulate with this machine's runs; refused (SystemExit) when they
-    were measured on other hardware or record none. A missing file: nothing earlier."""
+    were measured on other hardware or record none, or did other work (``settings``). A
+    missing file: nothing earlier."""
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
@@ -855,6 +865,11 @@ def load_comparable(path: Path, machine: dict[str, Any]) -> dict[str, Any] | Non
         raise SystemExit(
             f"{path} was measured on other hardware ({'; '.join(diff)}); runs from different "
             "machines are never compared in one table. Use one results file per machine."
+        )
+    if settings is not None and data.get("settings") != settings:
+        raise SystemExit(
+            f"{path} holds runs of other settings ({data.get('settings')}, here {settings}); "
+            "use another results file"
         )
     return data
 

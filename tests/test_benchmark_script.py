@@ -97,6 +97,12 @@ def test_results_of_another_machine_are_refused(tmp_path: Path) -> None:
     path.write_text(json.dumps({"runs": []}))
     with pytest.raises(SystemExit, match="no hardware fingerprint"):
         bench.load_comparable(path, here)
+    settings = bench.comparable_settings(bench.parse_args(["--task=sst2"]))
+    path.write_text(json.dumps({"hardware": here, "settings": settings, "runs": []}))
+    assert bench.load_comparable(path, here, settings) is not None
+    other_work = bench.comparable_settings(bench.parse_args(["--task=sst2", "--max-train=8"]))
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.load_comparable(path, here, other_work)
 
 
 def test_hf_defaults_follow_the_hardware_kind() -> None:

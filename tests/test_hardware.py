@@ -236,3 +236,35 @@ def test_sklearn_and_multitask_runs_resolve_auto_too(make_cfg, monkeypatch) -> N
     assert metrics["precision"] == want == str(objects["trainer"].precision)
     assert metrics["speed/fast_dropout"] is True  # both CPU kinds: on
     assert objects["module"].clip_norm_shortcut is True
+
+
+def test_clipping_without_the_shortcut_scales_gradients_like_clip_grad_norm() -> None:
+    from types import SimpleNamespace
+
+    from pytorch_lightning import LightningModule
+
+    from nlp_transfer.module import TransferModule
+
+    module = TransferModule.__new__(TransferModule)
+    LightningModule.__init__(module)
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None))  # type: ignore[assignment]
+    module.clip_norm_shortcut = False
+    fused_p, plain_p = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    fused_sgd = torch.optim.SGD([fused_p], lr=0.5, fused=True)
+    plain_sgd = torch.optim.SGD([plain_p], lr=0.5)
+    for grad in ([3.0, 4.0, 0.0, 12.0], [0.1, 0.2, 0.0, 0.1]):
+        fused_p.grad, plain_p.grad = torch.tensor(grad), torch.tensor(grad)
+        module.configure_gradient_clipping(fused_sgd, 1.0, "norm")
+        assert fused_sgd.grad_scale is None  # nothing handed to the kernel
+        fused_sgd.step()
+        torch.nn.utils.clip_grad_norm_([plain_p], 1.0)
+        plain_sgd.step()
+        torch.testing.assert_close(fused_p, plain_p)
+    # a sparse (lazy) embedding gradient: its summed rows are scaled as the dense one
+    table = torch.nn.Parameter(torch.zeros(3, 2))
+    opt = torch.optim.SGD([table], lr=0.1, fused=True)
+    table.grad = torch.sparse_coo_tensor([[1, 1]], torch.tensor([[3.0, 0.0], [0.0, 4.0]]), (3, 2))
+    module.configure_gradient_clipping(opt, 1.0, "norm")
+    torch.testing.assert_close(
+        table.grad.to_dense()[1], torch.tensor([0.6, 0.8]), atol=1e-5, rtol=0
+    )

@@ -47,8 +47,8 @@ SPEED_KNOBS: dict[str, str] = {
     "fused_adamw": "optimizer.fused",  # torch's fused AdamW kernel
     "clip_norm_shortcut": "model.clip_norm_shortcut",  # module.configure_gradient_clipping
 }
-# What ``auto`` means per hardware kind. Measured on the AVX512-BF16/AMX CPU of
-# docs/benchmarks.md (each pays there). Not yet measured on a CPU without native bf16:
+# What ``auto`` means per hardware kind. Each CPU mechanism was measured to pay on the
+# 2-core AVX512-BF16 CPU of docs/benchmarks.md. Not yet measured on a CPU without native bf16:
 # all four save CPU work that does not depend on the precision (mask drawing, a 47 MB
 # allocation, per-parameter optimizer loops, a pass over the gradients), so they stay on;
 # `benchmarks/speed_mechanisms.py` measures each on/off. On CUDA the CPU-only mechanisms
