@@ -90,11 +90,11 @@ def plan(args: argparse.Namespace) -> list[Step]:
         "seed=1,2",
     ]
     return [
-        Step("environment", [py, __file__, "--environment"], 20, "GPU, torch build, hardware"),
+        Step("environment", [py, __file__, "--environment"], 15, "GPU, torch build, hardware"),
         Step(
             "gpu-tests",
             [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"],
-            80,
+            60,
             "GPU-marked tests",
         ),
         Step(
@@ -103,6 +103,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
                 *bench,
                 f"--hf-variant={HF_BEST_GPU}",
                 "--template-variant=defaults",
+                "--peak-seconds=1",
                 f"--json-out={out / 'conll.json'}",
             ],
             120,
@@ -117,7 +118,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
                 "--template-variant=model.compile=true",
                 f"--json-out={out / 'conll_compiled.json'}",
             ],
-            150,
+            180,
             "the same with torch.compile on both sides",
         ),
         Step("sweep", sweep, 100, "2-job local_parallel sweep pinned to the GPU"),
