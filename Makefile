@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: bench help install train eval predict export test test-full lint format clean clean-logs clean-cache demo-data
+.PHONY: bench bench-speed gpu-check help install train eval predict export test test-full lint format clean clean-logs clean-cache demo-data
 
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -44,12 +44,18 @@ test-full: install  ## every test, including slow ones (real MiniLM, real data, 
 
 bench: install  ## HF Trainer vs template: CoNLL-2003 full, SST-2, frozen (~20 min on 2 CPU cores)
 	$(PY) benchmarks/hf_vs_template.py --task conll2003 --max-train 14041 --omp-wait-policy default \
-		--template-variant "trainer=bf16 data.length_grouping=false optimizer.fused=false" \
-		--template-variant "trainer=bf16" --template-variant "trainer=bf16 optimizer=lazy_adamw"
+		--template-variant "data.length_grouping=false optimizer.fused=false" \
+		--template-variant defaults --template-variant "optimizer=lazy_adamw"
 	$(PY) benchmarks/hf_vs_template.py --task sst2 --max-train 8000 --omp-wait-policy default
 	$(PY) benchmarks/hf_vs_template.py --task sst2 --max-train 8000 --lr 1e-3 \
 		--omp-wait-policy default --hf-variant bf16_frozen --hf-variant bf16_grouped_frozen \
-		--template-variant "trainer=bf16 strategy=frozen features.cache=true"
+		--template-variant "strategy=frozen features.cache=true"
+
+bench-speed: install  ## each speed mechanism on/off on this machine (CoNLL-2003 x 3,000, 3 rounds)
+	$(PY) benchmarks/speed_mechanisms.py --task conll2003 --max-train 3000 --repeat 3
+
+gpu-check: install  ## the GPU check (< 8 min on one CUDA GPU); ARGS="--dry-run" on any machine
+	bash benchmarks/gpu_check.sh $(ARGS)
 
 lint: install  ## ruff lint + format check
 	$(VENV)/bin/ruff check src tests benchmarks scripts

@@ -2,15 +2,26 @@
 
 Usage (from the repository root)::
 
+    # the template's defaults (trainer.precision=auto, speed knobs auto) against HF's
+    # candidates for this hardware kind (bf16 only where the CPU/GPU has it natively)
+    .venv/bin/python benchmarks/hf_vs_template.py --task conll2003 --max-train 14041 --repeat 3
+    .venv/bin/python benchmarks/hf_vs_template.py --task sst2 --max-train 8000 --repeat 3
+    # more template rows: any Hydra overrides, "defaults" for none
     .venv/bin/python benchmarks/hf_vs_template.py --task conll2003 --max-train 14041 \
-        --template-variant "trainer=bf16 data.length_grouping=false optimizer.fused=false" \
-        --template-variant "trainer=bf16"
-    .venv/bin/python benchmarks/hf_vs_template.py --task sst2 --max-train 8000
+        --template-variant defaults --template-variant "optimizer=lazy_adamw"
     # frozen encoder: HF recomputes the encoder every epoch, the template reads its
     # feature cache (filled by an untimed first run, as in a sweep's later jobs)
     .venv/bin/python benchmarks/hf_vs_template.py --task sst2 --max-train 8000 --lr 1e-3 \
         --hf-variant bf16_frozen --hf-variant bf16_grouped_frozen \
-        --template-variant "trainer=bf16 strategy=frozen features.cache=true"
+        --template-variant "strategy=frozen features.cache=true"
+    # add rounds to an earlier results file of the SAME machine (refused otherwise)
+    .venv/bin/python benchmarks/hf_vs_template.py --task sst2 --max-train 8000 \
+        --append-to results_sst2.json
+
+The script prints this machine's hardware first (CPU model, avx2 / avx512_f / avx512_bf16 /
+amx flags, cores, GPU, torch build) and stores it with the results; every run records the
+precision it trained in (the template's as ``auto`` resolved it). Results of different
+machines are never put in one table (``--append-to`` refuses them).
 
 Every run (HF fp32, HF bf16 + length grouping, each ``--template-variant``) is a separate
 subprocess (the script re-invokes itself with ``--single``), so peak RSS is per run. Both
@@ -44,6 +55,13 @@ from typing import Any
 import torch
 from pytorch_lightning import Callback
 
+from nlp_transfer.training.hardware import (
+    describe_fingerprint,
+    fingerprint,
+    fingerprint_differences,
+    probe_hardware,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NLP_TRANSFER_SHARED_DATA", ROOT.parent / "shared" / "data"))
 HF_VARIANTS = {
@@ -53,8 +71,19 @@ HF_VARIANTS = {
     "fp32_grouped": "HF fp32+group_by_length",
     "bf16_frozen": "HF bf16, frozen encoder",
     "bf16_grouped_frozen": "HF bf16+group_by_length, frozen encoder",
+    # HF's best GPU setting: bf16, group_by_length, fused AdamW (and torch.compile on top)
+    "bf16_grouped_fused": "HF bf16+group_by_length+fused AdamW",
+    "bf16_grouped_fused_compiled": "HF bf16+group_by_length+fused AdamW+torch_compile",
 }
-DEFAULT_HF = ["fp32", "bf16_grouped"]
+# HF's candidates for its best setting per hardware kind (training/hardware.py): bf16 only
+# where it is native (on an AVX2-only CPU one bf16 epoch takes over 10x as long as fp32)
+DEFAULT_HF = {
+    "cuda": ["bf16_grouped_fused"],
+    "cpu_bf16": ["fp32", "bf16_grouped"],
+    "cpu": ["fp32", "fp32_grouped"],
+    "other": ["fp32", "fp32_grouped"],
+}
+DEFAULTS = "defaults"  # the template run with no overrides: precision and speed knobs auto
 
 
 # -- timers ------------------------------------------------------------------------------------
@@ -254,12 +283,17 @@ def run_hf(variant: str, args: argparse.Namespace, workdir: Path) -> dict[str, A
         id2label=dict(enumerate(labels)),
         label2id=label2id,
     )
-    frozen = variant.endswith("_frozen")
+    parts = variant.split("_")
+    frozen = "frozen" in parts
     if frozen:  # feature extraction: only the classifier on top of the encoder trains
         for p in model.base_model.parameters():
             p.requires_grad_(False)
-    grouped = variant.removesuffix("_frozen").endswith("_grouped")
+    grouped = "grouped" in parts
     kw: dict[str, Any] = {}
+    if "fused" in parts:
+        kw["optim"] = "adamw_torch_fused"
+    if "compiled" in parts:
+        kw["torch_compile"] = True
     fields = TrainingArguments.__dataclass_fields__
     if "group_by_length" in fields:  # transformers < 5
         kw["group_by_length"] = grouped
@@ -332,6 +366,7 @@ def run_hf(variant: str, args: argparse.Namespace, workdir: Path) -> dict[str, A
         "params": sum(p.numel() for p in model.parameters()),
         "params_nonembedding": nonembedding_params(model),
         "optimizer": f"{targs.optim} {_optimizer_flags(trainer.optimizer)}",
+        "precision": "bf16" if targs.bf16 else "fp32",
         "frozen": frozen,
     }
 
@@ -436,7 +471,7 @@ def run_template(variant: str, args: argparse.Namespace, workdir: Path) -> dict[
     """``nlp_transfer.train.train(cfg)`` with a timing callback added to the config's."""
     import nlp_transfer.train as train_module
 
-    own = [t for t in shlex.split(variant) if not t.startswith("env:")]
+    own = [t for t in shlex.split(variant) if not t.startswith("env:") and t != DEFAULTS]
     overrides = [*template_overrides(args), *own]
     if "features.cache=true" in own:
         # measure training "once the feature cache exists": a first, untimed run fills it
@@ -460,7 +495,9 @@ def run_template(variant: str, args: argparse.Namespace, workdir: Path) -> dict[
         "params": sum(p.numel() for p in module.parameters()),
         "params_nonembedding": nonembedding_params(module),
         "optimizer": _optimizer_flags(objects["trainer"].optimizers[0]),
-        "precision": str(cfg.trainer.precision),
+        "precision": str(metrics.get("precision", cfg.trainer.precision)),  # as resolved
+        "speed": {k[len("speed/") :]: v for k, v in metrics.items() if k.startswith("speed/")},
+        "hardware_kind": metrics.get("hardware"),
         "frozen": bool(module.frozen_encoder),
     }
 
@@ -506,6 +543,8 @@ def single(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("WANDB_MODE", "offline")
     start = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         if spec["kind"] == "peak":
             result = measure_peak(args)
@@ -522,8 +561,11 @@ def single(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             "peak_rss_mb": max(own, kids) * scale,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "hardware": fingerprint(),
         }
     )
+    if torch.cuda.is_available():
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 1024**2
     return result
 
 
@@ -576,11 +618,13 @@ def table(rows: list[dict[str, Any]], peak: dict[str, Any] | None, epochs: int) 
     """A Markdown table of the runs; ratios are against the fastest HF run."""
     hf = [r for r in rows if r["kind"] == "hf"]
     best = min(hf, key=lambda r: r["train_s"]) if hf else None
+    gpu = any("peak_gpu_mb" in r for r in rows)
     head = (
-        "| run | train s | tokens/s | examples/s | padding | peak RSS | "
-        f"{rows[0]['metric_name']} | MFU (bf16 peak) | speed vs HF best | total s |"
+        "| run | precision | train s | tokens/s | examples/s | padding | peak RSS | "
+        + ("peak GPU mem | " if gpu else "")
+        + f"{rows[0]['metric_name']} | MFU (bf16 peak) | speed vs HF best | total s |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * (12 if gpu else 11)]
     for r in rows:
         tps = r["real_tokens"] / r["train_s"]
         pad = 1 - r["real_tokens"] / max(r["padded_tokens"], 1)
@@ -590,10 +634,12 @@ def table(rows: list[dict[str, Any]], peak: dict[str, Any] | None, epochs: int) 
             else "n/a"  # 6·N·T counts a full backward pass, which a frozen encoder skips
         )
         speed = f"{best['train_s'] / r['train_s']:.2f}x" if best else "n/a"
+        gpu_mem = f"{r['peak_gpu_mb']:,.0f} MB | " if "peak_gpu_mb" in r else "n/a | "
         lines.append(
-            f"| {r['label']} | {r['train_s']:.1f} | {tps:,.0f} | "
+            f"| {r['label']} | {r.get('precision', '?')} | {r['train_s']:.1f} | {tps:,.0f} | "
             f"{r['examples'] * epochs / r['train_s']:.1f} | {100 * pad:.1f} % | "
-            f"{r['peak_rss_mb']:,.0f} MB | {r['metric']:.4f} | {mfu} | {speed} | "
+            f"{r['peak_rss_mb']:,.0f} MB | {gpu_mem if gpu else ''}{r['metric']:.4f} | "
+            f"{mfu} | {speed} | "
             f"{r['total_s']:.1f} |"
         )
     return "\n".join(lines)
@@ -615,13 +661,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--hf-variant",
         action="append",
         choices=[*HF_VARIANTS, "none"],
-        help="HF runs (repeatable); default: fp32 and bf16_grouped; --hf-variant none: no HF run",
+        help="HF runs (repeatable); default by hardware: fp32 and bf16_grouped on a CPU with "
+        "native bf16, fp32 and fp32_grouped on other CPUs, bf16_grouped_fused on CUDA; "
+        "--hf-variant none: no HF run",
     )
     p.add_argument(
         "--template-variant",
         action="append",
         help="space-separated Hydra overrides of one template run (repeatable; "
-        '"env:NAME=VALUE" tokens set environment variables of that run); default "trainer=bf16"; "none": no template run',
+        '"env:NAME=VALUE" tokens set environment variables of that run); default "defaults" '
+        "(no overrides: trainer.precision and the speed mechanisms auto); "
+        '"none": no template run',
     )
     p.add_argument(
         "--repeat",
@@ -644,6 +694,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-size", type=int, default=2048)
     p.add_argument("--peak-seconds", type=float, default=3.0)
     p.add_argument("--json-out", default=None, help="write every result here")
+    p.add_argument(
+        "--append-to",
+        default=None,
+        help="results file (--json-out format) to add these runs to, and to tabulate with "
+        "them: refused when it was measured on another machine (hardware fingerprint)",
+    )
     p.add_argument("--log-dir", default=None, help="per-run logs (default: a temp dir)")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
@@ -685,14 +741,26 @@ def main(argv: list[str] | None = None) -> None:
         result = single(json.loads(args.single), args)
         Path(args.result_file).write_text(json.dumps(result, indent=2))
         return
-    hf_variants = args.hf_variant if args.hf_variant is not None else DEFAULT_HF
-    template_variants = [v for v in args.template_variant or ["trainer=bf16"] if v != "none"]
+    machine = fingerprint()
+    print(f"hardware: {describe_fingerprint(machine)}", flush=True)
+    settings = comparable_settings(args)
+    previous = load_comparable(Path(args.append_to), machine, settings) if args.append_to else None
+    hf_variants, template_variants = planned_variants(args)
     specs: list[dict[str, Any]] = [
         {"kind": "hf", "variant": v, "label": HF_VARIANTS[v]} for v in hf_variants if v != "none"
     ]
     specs += [
         {"kind": "template", "variant": v, "label": f"template: {v}"} for v in template_variants
     ]
+    todo = list(specs)
+    first_round = 0
+    if previous is not None:  # earlier runs first; this invocation's rounds come after
+        first_round = 1 + max((x["round"] for x in previous["runs"]), default=-1)
+        known = {s["label"] for s in specs}
+        for x in previous["runs"]:
+            if x["label"] not in known:
+                known.add(x["label"])
+                specs.append({k: x[k] for k in ("kind", "variant", "label") if k in x})
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="hf_vs_template-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     print(
@@ -706,11 +774,13 @@ def main(argv: list[str] | None = None) -> None:
     elif not args.skip_peak:
         peak = measure_peak_in_child(raw, log_dir, args.omp_wait_policy, "before the runs")
     runs: list[dict[str, Any]] = []
-    total = len(specs) * args.repeat
-    for r in range(args.repeat):  # round-robin, so a load change hits every variant alike
-        for spec in specs:
+    total = len(todo) * args.repeat
+    for r in range(first_round, first_round + args.repeat):  # round-robin: load hits all alike
+        for spec in todo:
             print(f"[{len(runs) + 1}/{total}] {spec['label']} ...", flush=True)
             result = launch(spec, raw, log_dir, len(runs) + 1, args.omp_wait_policy)
+            if fingerprint_differences(result["hardware"], machine):
+                raise SystemExit(f"run {spec['label']} ran on other hardware than this process")
             runs.append({**spec, **result, "round": r})
             phases = result.get("ms_per_step")
             extra = (
@@ -730,6 +800,9 @@ def main(argv: list[str] | None = None) -> None:
         after = measure_peak_in_child(raw, log_dir, args.omp_wait_policy, "after the runs")
         peak = max(peak, after, key=lambda p: p["bf16_gflops"])
         print(f"bf16 peak used for MFU: {peak['bf16_gflops']:,.0f} GFLOP/s (the larger)")
+    if previous is not None:
+        runs = [*previous["runs"], *runs]
+        peak = peak or previous.get("peak")
     # the fastest of each variant's repeats (the least disturbed by other processes)
     rows = [
         min((x for x in runs if x["label"] == spec["label"]), key=lambda x: x["train_s"])
@@ -741,7 +814,7 @@ def main(argv: list[str] | None = None) -> None:
         f"batch {args.batch_size}, lr {args.lr}, max length {args.max_length}, seed {args.seed}"
     )
     print(table(rows, peak, args.epochs))
-    if args.repeat > 1:
+    if len({x["round"] for x in runs}) > 1:
         for spec in specs:
             times = [f"{x['train_s']:.1f}" for x in runs if x["label"] == spec["label"]]
             print(f"  {spec['label']}: train s of each repeat {', '.join(times)} (table: fastest)")
@@ -753,8 +826,52 @@ def main(argv: list[str] | None = None) -> None:
         f"(of {rows[0]['params']:,}); padding = share of padded positions in training batches."
     )
     print(f"load average after: {os.getloadavg()}")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"peak": peak, "runs": runs}, indent=2))
+    results = {"hardware": machine, "settings": settings, "peak": peak, "runs": runs}
+    for out in {args.json_out, args.append_to} - {None}:
+        Path(out).write_text(json.dumps(results, indent=2))
+
+
+def planned_variants(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The HF and template variants this invocation runs (HF's default: per hardware kind)."""
+    kind = probe_hardware("auto").kind
+    hf = args.hf_variant if args.hf_variant is not None else DEFAULT_HF[kind]
+    template = args.template_variant or [DEFAULTS]
+    return [v for v in hf if v != "none"], [v for v in template if v != "none"]
+
+
+def comparable_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The work every run of one table must share (the seed may differ)."""
+    keys = ("task", "max_train", "max_eval", "epochs", "batch_size", "lr", "max_length")
+    return {k: getattr(args, k) for k in keys}
+
+
+def load_comparable(
+    path: Path, machine: dict[str, Any], settings: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """Earlier results to tabulate with this machine's runs; refused (SystemExit) when they
+    were measured on other hardware or record none, or did other work (``settings``). A
+    missing file: nothing earlier."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    theirs = data.get("hardware")
+    if theirs is None:
+        raise SystemExit(
+            f"{path} records no hardware fingerprint (an older version of this script), so "
+            "it cannot be compared with this machine's runs; use a new results file"
+        )
+    diff = fingerprint_differences(theirs, machine)
+    if diff:
+        raise SystemExit(
+            f"{path} was measured on other hardware ({'; '.join(diff)}); runs from different "
+            "machines are never compared in one table. Use one results file per machine."
+        )
+    if settings is not None and data.get("settings") != settings:
+        raise SystemExit(
+            f"{path} holds runs of other settings ({data.get('settings')}, here {settings}); "
+            "use another results file"
+        )
+    return data
 
 
 if __name__ == "__main__":

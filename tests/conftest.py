@@ -27,6 +27,7 @@ SHARED_DATA = Path(
 FAST = [
     "encoder=tiny",
     "trainer=cpu",
+    "trainer.precision=32-true",  # the same numerics on every CPU kind (not `auto`)
     "trainer.max_epochs=1",
     "trainer.enable_progress_bar=false",
     "trainer.num_sanity_val_steps=0",

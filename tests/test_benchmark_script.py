@@ -67,3 +67,94 @@ def test_paired_ratios_compare_runs_of_the_same_round() -> None:
     (line,) = bench.paired_ratios(runs, specs)
     assert "per round 1.20, 1.40, 1.10" in line
     assert line.endswith("median 1.20x")
+
+
+def _load(name: str):
+    import importlib.util
+
+    path = PROJECT_ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"bench_{name}"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_of_another_machine_are_refused(tmp_path: Path) -> None:
+    from nlp_transfer.training.hardware import fingerprint
+
+    bench = _load("hf_vs_template")
+    here = fingerprint()
+    path = tmp_path / "runs.json"
+    assert bench.load_comparable(path, here) is None  # nothing earlier
+    path.write_text(json.dumps({"hardware": here, "peak": None, "runs": []}))
+    assert bench.load_comparable(path, here)["runs"] == []
+    other = {**here, "cpu_flags": ["avx2"], "cpu_native_bf16": False}
+    path.write_text(json.dumps({"hardware": other, "runs": []}))
+    with pytest.raises(SystemExit, match="other hardware.*cpu_flags"):
+        bench.load_comparable(path, here)
+    path.write_text(json.dumps({"runs": []}))
+    with pytest.raises(SystemExit, match="no hardware fingerprint"):
+        bench.load_comparable(path, here)
+    settings = bench.comparable_settings(bench.parse_args(["--task=sst2"]))
+    path.write_text(json.dumps({"hardware": here, "settings": settings, "runs": []}))
+    assert bench.load_comparable(path, here, settings) is not None
+    other_work = bench.comparable_settings(bench.parse_args(["--task=sst2", "--max-train=8"]))
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.load_comparable(path, here, other_work)
+
+
+def test_hf_defaults_follow_the_hardware_kind() -> None:
+    bench = _load("hf_vs_template")
+    assert bench.DEFAULT_HF["cpu"] == ["fp32", "fp32_grouped"]  # no emulated bf16
+    assert "bf16_grouped" in bench.DEFAULT_HF["cpu_bf16"]
+    assert bench.DEFAULT_HF["cuda"] == ["bf16_grouped_fused"]
+    assert all(v in bench.HF_VARIANTS for vs in bench.DEFAULT_HF.values() for v in vs)
+
+
+def test_speed_mechanism_plan_flips_each_knob_and_pairs_rounds(capsys) -> None:
+    from nlp_transfer.training.hardware import AUTO_TABLE, SPEED_KNOBS
+
+    speed = _load("speed_mechanisms")
+    for kind in AUTO_TABLE:
+        rows = speed.plan(kind)
+        assert rows[0]["variant"] == "defaults"
+        flipped = {r["mechanism"]: r["variant"] for r in rows[1:]}
+        for knob, key in SPEED_KNOBS.items():
+            assert flipped[knob] == f"{key}={str(not AUTO_TABLE[kind][knob]).lower()}"
+        assert flipped["lazy_adamw"] == "optimizer=lazy_adamw"
+    rows = speed.plan("cpu")
+    runs = [
+        {"variant": v, "round": r, "train_s": t, "metric": 0.5}
+        for r in (0, 1, 2)
+        for v, t in (("defaults", 10.0), ("encoder.fast_dropout=false", 12.0 + r))
+    ]
+    table = speed.summarise(runs, rows, "cpu")
+    assert "| fast_dropout | on | no | 10.0 | 13.0 | 1.300x | yes |" in table
+    assert speed.main(["--dry-run"]) and "plan: python benchmarks/hf_vs_template.py" in (
+        capsys.readouterr().out
+    )
+
+
+def test_gpu_check_script_parses_and_its_plan_validates_on_cpu(tmp_path: Path, capsys) -> None:
+    proc = subprocess.run(["bash", "-n", "benchmarks/gpu_check.sh"], cwd=PROJECT_ROOT)
+    assert proc.returncode == 0
+    check = _load("gpu_check")
+    assert check.main(["--dry-run", f"--out-dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    for step in ("environment", "gpu-tests", "conll", "conll-compiled", "sweep"):
+        assert f"[{step}]" in out
+    assert "dry run: plan valid" in out and "bf16_grouped_fused_compiled" in out
+    assert not list(tmp_path.iterdir())  # nothing run, nothing written
+    good = {
+        "hardware": "cuda",
+        "precision": "bf16-mixed",
+        "speed": dict.fromkeys(check.CPU_ONLY, False),
+    }
+    assert check.cpu_mechanism_problems(good, "x") == []
+    bad = {**good, "hardware": "cpu", "speed": {**good["speed"], "fast_dropout": True}}
+    assert check.cpu_mechanism_problems(bad, "x") == [
+        "x: fast_dropout is on",
+        "x: trained on cpu, not cuda",
+    ]

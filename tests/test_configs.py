@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from nlp_transfer.builders import _missing_keys, check_required, plain_config
 from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.training.hardware import apply_hardware_settings
 from nlp_transfer.utils.resolvers import CONFIG_DIR
 
 GROUPS = [
@@ -84,6 +85,8 @@ def test_option_composes_and_instantiates(
         with pytest.raises(ConfigError, match=missing[0]):
             check_required(cfg)
         return
+    if not (group == "trainer" and option in ("gpu", "ddp")):  # those need a GPU
+        apply_hardware_settings(cfg)  # `auto` precision and speed knobs, as every run does
     if group == "encoder":
         enc = instantiate(cfg.encoder)
         assert enc.hidden_size > 0 and len(enc.layer_groups()) == enc.num_layers + 1

@@ -183,7 +183,7 @@ def test_module_swaps_head_dropout_with_the_encoder_setting(make_cfg) -> None:
     from nlp_transfer.builders import build_encoder, build_module
 
     for fast in (True, False):
-        cfg = make_cfg(f"+encoder.fast_dropout={str(fast).lower()}", run=f"fast{fast}")
+        cfg = make_cfg(f"encoder.fast_dropout={str(fast).lower()}", run=f"fast{fast}")
         module = build_module(cfg, build_encoder(cfg), ["neg", "pos"], "classification")
         module.setup("fit")
         kinds = {type(m) for m in module.modules() if isinstance(m, nn.Dropout)}

@@ -18,6 +18,7 @@ from nlp_transfer.data.base import TransferDataModule
 from nlp_transfer.data.errors import ConfigError, config_flag
 from nlp_transfer.encoders.base import Encoder
 from nlp_transfer.module import TransferModule
+from nlp_transfer.training.hardware import apply_hardware_settings
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def _missing_keys(node: Any, prefix: str = "") -> list[str]:
 
 
 def build_encoder(cfg: DictConfig) -> Encoder:
+    apply_hardware_settings(cfg)  # `auto` precision and speed knobs (once per config)
     return instantiate(cfg.encoder)
 
 
@@ -74,6 +76,7 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_module(cfg: DictConfig, encoder: Encoder, labels: list[str], task: str) -> TransferModule:
+    apply_hardware_settings(cfg)
     model_cfg = cfg.get("model") or {}
     return TransferModule(
         encoder=encoder,
@@ -98,6 +101,9 @@ def build_module(cfg: DictConfig, encoder: Encoder, labels: list[str], task: str
         compile_encoder=config_flag(model_cfg.get("compile"), "model.compile", False),
         embedding_grad_buffer=config_flag(
             model_cfg.get("embedding_grad_buffer"), "model.embedding_grad_buffer", True
+        ),
+        clip_norm_shortcut=config_flag(
+            model_cfg.get("clip_norm_shortcut"), "model.clip_norm_shortcut", True
         ),
         run_config=plain_config(cfg),
     )

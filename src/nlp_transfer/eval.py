@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from nlp_transfer.builders import check_required
 from nlp_transfer.checkpoint import read_checkpoint, restore
 from nlp_transfer.data.errors import ConfigError, config_flag
+from nlp_transfer.training.hardware import apply_hardware_settings
 from nlp_transfer.utils.config_tree import print_config_tree
 from nlp_transfer.utils.io import atomic_write_json, guard_new_output
 from nlp_transfer.utils.resolvers import CONFIG_DIR
@@ -46,6 +47,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         trust_remote_code=config_flag(cfg.get("trust_remote_code"), "trust_remote_code"),
     )
     datamodule.load_examples()
+    apply_hardware_settings(cfg)  # trainer.precision=auto for this machine
     trainer = hydra.utils.instantiate(
         cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False
     )

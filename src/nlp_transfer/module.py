@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
+def _clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor ``clip_grad_norm_`` scales gradients by: ``max_norm / norm``, at most 1."""
+    return (float(max_norm) / (norm + 1e-6)).clamp(max=1.0)
+
+
 class NonFiniteLossError(FloatingPointError):
     """Raised when the training loss becomes NaN or infinite."""
 
@@ -57,6 +62,9 @@ class TransferModule(LightningModule):
             buffer (:class:`EmbeddingGradBuffer`, single-process CPU runs, not compiled).
             With ``optimizer=lazy_adamw`` the same callback keeps their gradients sparse
             whatever this flag says (not compiled).
+        clip_norm_shortcut: with a fused optimizer, clipping by norm hands the clip factor
+            to the fused kernel and reads only the buffered embedding rows for the norm
+            (:meth:`configure_gradient_clipping`); off: a full norm and a scaling pass.
     """
 
     def __init__(
@@ -75,6 +83,7 @@ class TransferModule(LightningModule):
         run_config: dict[str, Any] | None = None,
         compile_encoder: bool = False,
         embedding_grad_buffer: bool = True,
+        clip_norm_shortcut: bool = True,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -103,6 +112,7 @@ class TransferModule(LightningModule):
         self.log_grad_norm = log_grad_norm
         self.check_finite_loss = check_finite_loss
         self.embedding_grad_buffer = embedding_grad_buffer and not compile_encoder
+        self.clip_norm_shortcut = clip_norm_shortcut
         lazy = uses_lazy_optimizer(self)
         self.lazy_embeddings = lazy and not compile_encoder
         if compile_encoder and lazy:
@@ -445,6 +455,7 @@ class TransferModule(LightningModule):
         and clipping them is what the unfused path does. Clipping by norm is handed to the
         fused kernel as its ``grad_scale`` (it divides each gradient as it reads it), which
         saves a pass over all gradients; the update equals ``clip_grad_norm_`` + step.
+        With ``clip_norm_shortcut`` off the gradients are scaled in place instead.
         """
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         fused = scaler is None and getattr(optimizer, "_step_supports_amp_scaling", False)
@@ -460,6 +471,15 @@ class TransferModule(LightningModule):
                     if p.grad.is_sparse:
                         p.grad = p.grad.coalesce()
                         p.grad._values().clamp_(-gradient_clip_val, gradient_clip_val)
+            elif params and not getattr(self, "clip_norm_shortcut", True):
+                coef = _clip_coefficient(total_norm([p.grad for p in params]), gradient_clip_val)
+                dense = [p.grad for p in params if not p.grad.is_sparse]
+                if dense:
+                    torch._foreach_mul_(dense, coef)
+                for p in params:
+                    if p.grad.is_sparse:  # lazy embeddings: scale the (summed) row values
+                        p.grad = p.grad.coalesce()
+                        p.grad._values().mul_(coef)
             elif params:
                 # looked up, not kept on the module: the callback's hooks do not pickle
                 callbacks = getattr(self._trainer, "callbacks", None) or []
@@ -468,7 +488,7 @@ class TransferModule(LightningModule):
                     norm = buffer.total_grad_norm(params)
                 else:
                     norm = total_norm([p.grad for p in params])
-                coef = (float(gradient_clip_val) / (norm + 1e-6)).clamp(max=1.0)
+                coef = _clip_coefficient(norm, gradient_clip_val)
                 optimizer.grad_scale = coef.reciprocal().float()  # type: ignore[attr-defined]
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -44,6 +44,7 @@ from nlp_transfer.builders import (
 from nlp_transfer.checkpoint import CheckpointError, check_fits, read_checkpoint
 from nlp_transfer.data.errors import ConfigError, config_flag
 from nlp_transfer.training.determinism import set_deterministic_fill
+from nlp_transfer.training.hardware import apply_hardware_settings, metrics_record
 from nlp_transfer.training.loop_state import ResumeState
 from nlp_transfer.training.progress_checkpoint import ProgressCheckpoint
 from nlp_transfer.training.resume import (
@@ -185,6 +186,7 @@ def _final_metrics(results: list[dict[str, float]]) -> dict[str, float]:
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit, validate and test the best checkpoint; write ``metrics.json``."""
     check_required(cfg)
+    apply_hardware_settings(cfg)  # precision/speed `auto`: once, before anything is built
     validate_train_config(cfg)  # bad values, head/strategy/monitor that do not fit the task
     if cfg.head.get("kind") == "sklearn":  # SVM / random forest / logreg on frozen features
         from nlp_transfer.features.sklearn_train import train_sklearn
@@ -291,6 +293,7 @@ def fit_and_score(
             "seed": cfg.get("seed"),
             "task": task,
             "strategy": module.strategy.name,
+            **metrics_record(cfg),  # precision, hardware kind, speed mechanisms
         }
     )
     _finish_loggers(loggers)

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig
 
 from nlp_transfer.encoders.base import Encoder
 from nlp_transfer.encoders.fast_dropout import install_fast_dropout
+from nlp_transfer.training.hardware import AUTO, probe_hardware, resolve_knob
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,9 @@ class TransformerEncoder(Encoder):
         tokenizer_name_or_path: tokenizer location when it differs from the model's.
         fast_dropout: draw CPU dropout masks from cheap random bits instead of per-element
             Bernoulli samples (:mod:`nlp_transfer.encoders.fast_dropout`); same drop
-            probability, no effect on other devices or in evaluation.
+            probability, no effect on other devices or in evaluation. ``auto``: as
+            :data:`~nlp_transfer.training.hardware.AUTO_TABLE` says for the default device
+            (runs resolve it for their trainer's device before building the encoder).
     """
 
     def __init__(
@@ -79,7 +82,7 @@ class TransformerEncoder(Encoder):
         config_overrides: dict[str, Any] | None = None,
         tokenizer_name_or_path: str | None = None,
         seed: int | None = None,
-        fast_dropout: bool = True,
+        fast_dropout: bool | str = AUTO,
     ) -> None:
         super().__init__()
         self.name_or_path = str(name_or_path)
@@ -103,7 +106,9 @@ class TransformerEncoder(Encoder):
             # BERT-style pooler: never used (heads pool hidden states themselves); removing
             # it keeps DDP from failing on parameters that get no gradient
             self.model.pooler = None
-        self.fast_dropout = fast_dropout
+        if fast_dropout == AUTO:
+            fast_dropout = resolve_knob(AUTO, "fast_dropout", probe_hardware().kind)[0]
+        self.fast_dropout = bool(fast_dropout)
         if fast_dropout:
             install_fast_dropout(self.model)
         self.random_init = random_init

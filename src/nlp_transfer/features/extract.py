@@ -51,6 +51,7 @@ from nlp_transfer.features.cache import (
     key_parts_from_encoder,
 )
 from nlp_transfer.heads.classification import POOLINGS, pool_tokens
+from nlp_transfer.training.hardware import auto_precision, probe_hardware
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,9 @@ def resolve_precision(cfg: DictConfig) -> str:
     value = features.get("precision")
     if value is None:
         value = (cfg.get("trainer") or {}).get("precision", "32")
+    if str(value).lower() == "auto":  # not resolved by a run yet: as a run would resolve it
+        accelerator = "cpu" if resolve_device(cfg) == "cpu" else "cuda"
+        value = auto_precision(probe_hardware(accelerator))[0]
     text = str(value).lower()
     if text.startswith("bf16"):
         return "bf16"

@@ -47,6 +47,7 @@ from nlp_transfer.features.extract import (
 )
 from nlp_transfer.metrics.classification import PerClassReport, classification_metrics
 from nlp_transfer.metrics.entity import EntityF1
+from nlp_transfer.training.hardware import apply_hardware_settings, metrics_record
 from nlp_transfer.utils.config_tree import print_config_tree
 from nlp_transfer.utils.io import OutputExistsError, atomic_write_json
 
@@ -171,6 +172,7 @@ def fitted_parameter_count(estimator: Any) -> int | None:
 def train_sklearn(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit ``head.estimator`` on frozen features, score val/test, save the model (joblib)
     and ``metrics.json``; returns ``(metrics, objects)`` like :func:`nlp_transfer.train.train`."""
+    apply_hardware_settings(cfg)  # features.precision null follows trainer.precision (auto)
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("ckpt_path"):
         raise ConfigError(
@@ -262,6 +264,8 @@ def train_sklearn(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "task": task,
             "strategy": "frozen",
             "estimator": type(estimator[-1] if hasattr(estimator, "steps") else estimator).__name__,
+            **metrics_record(cfg),
+            "feature_precision": spec.precision,  # the encoder pass's (autocast) precision
         }
     )
     atomic_write_json(out_dir / "metrics.json", metrics)

@@ -117,8 +117,8 @@ class MultiTaskModule(TransferModule):
         private_adapters: LoRA settings ``{r, alpha, dropout, target_modules, bias}`` for
             one private adapter per task (see :mod:`nlp_transfer.multitask.adapters`),
             or ``None``.
-        log_grad_norm / check_finite_loss / embedding_grad_buffer / run_config: as for
-            :class:`TransferModule`.
+        log_grad_norm / check_finite_loss / embedding_grad_buffer / clip_norm_shortcut /
+            run_config: as for :class:`TransferModule`.
     """
 
     def __init__(
@@ -135,6 +135,7 @@ class MultiTaskModule(TransferModule):
         check_finite_loss: bool = True,
         run_config: dict[str, Any] | None = None,
         embedding_grad_buffer: bool = True,
+        clip_norm_shortcut: bool = True,
     ) -> None:
         # TransferModule.__init__ builds a single head; the same pieces are built here,
         # in the same order (a one-task model draws the same random init)
@@ -190,6 +191,7 @@ class MultiTaskModule(TransferModule):
         self.log_grad_norm = log_grad_norm
         self.check_finite_loss = check_finite_loss
         self.embedding_grad_buffer = embedding_grad_buffer
+        self.clip_norm_shortcut = clip_norm_shortcut
         self.lazy_embeddings = uses_lazy_optimizer(self)
         self.run_config = run_config or {}
         self.strategy = strategy

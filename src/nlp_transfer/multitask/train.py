@@ -51,6 +51,7 @@ from nlp_transfer.train import (
     fit_and_score,
     write_metrics,
 )
+from nlp_transfer.training.hardware import apply_hardware_settings
 from nlp_transfer.utils.config_tree import print_config_tree
 
 TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -183,6 +184,9 @@ def build_multitask_module(
         embedding_grad_buffer=config_flag(
             model_cfg.get("embedding_grad_buffer"), "model.embedding_grad_buffer", True
         ),
+        clip_norm_shortcut=config_flag(
+            model_cfg.get("clip_norm_shortcut"), "model.clip_norm_shortcut", True
+        ),
         run_config=plain_config(cfg),
     )
 
@@ -225,6 +229,7 @@ def train_multitask(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     ``ckpt_path`` / ``resume`` work as for single-task runs, except that an interrupted
     epoch restarts its task schedule from the beginning (no exact mid-epoch resume).
     """
+    apply_hardware_settings(cfg)  # a no-op when train() resolved it already
     plan = _plan_run(cfg)
     out_dir = plan.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)

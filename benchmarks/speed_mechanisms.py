@@ -1,0 +1,150 @@
+"""Each speed mechanism on and off, on this machine, with one command.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/speed_mechanisms.py                 # CoNLL-2003, 3,000 sentences
+    .venv/bin/python benchmarks/speed_mechanisms.py --task sst2 --max-train 8000 --repeat 3
+    .venv/bin/python benchmarks/speed_mechanisms.py --dry-run       # the plan only
+
+The template's defaults (``trainer.precision`` and every knob ``auto``, resolved for this
+machine by ``nlp_transfer/training/hardware.py``) run against one variant per mechanism
+with that mechanism flipped, plus the opt-in ``optimizer=lazy_adamw``, round-robin
+(``--repeat`` rounds) through ``benchmarks/hf_vs_template.py`` (one subprocess per run, no
+HF run). The table gives, per mechanism, the median over rounds of (train s without it) /
+(train s with it): above 1 it pays on this machine. Compare the ``auto`` column with it:
+where they disagree, ``AUTO_TABLE`` is wrong for this hardware kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from nlp_transfer.training.hardware import (
+    AUTO_TABLE,
+    MEASURED_ON,
+    SPEED_KNOBS,
+    auto_precision,
+    describe_fingerprint,
+    fingerprint,
+    probe_hardware,
+)
+
+HERE = Path(__file__).resolve().parent
+BASELINE = "defaults"
+LAZY = "optimizer=lazy_adamw"
+
+
+def _bench() -> Any:
+    spec = importlib.util.spec_from_file_location("hf_vs_template", HERE / "hf_vs_template.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def plan(kind: str) -> list[dict[str, Any]]:
+    """The variants: the defaults, then each mechanism flipped from its ``auto`` value."""
+    rows = [{"mechanism": None, "variant": BASELINE, "on": None}]
+    for knob, key in SPEED_KNOBS.items():
+        auto = AUTO_TABLE[kind][knob]
+        rows.append(
+            {"mechanism": knob, "variant": f"{key}={str(not auto).lower()}", "on": not auto}
+        )
+    rows.append({"mechanism": "lazy_adamw", "variant": LAZY, "on": True})  # opt-in: off in auto
+    return rows
+
+
+def bench_argv(args: argparse.Namespace, variants: list[str], json_out: Path) -> list[str]:
+    argv = [
+        f"--task={args.task}",
+        f"--max-train={args.max_train}",
+        f"--epochs={args.epochs}",
+        f"--repeat={args.repeat}",
+        "--hf-variant=none",
+        "--skip-peak",
+        f"--json-out={json_out}",
+        *args.bench_args,
+    ]
+    if args.data_dir:
+        argv.append(f"--data-dir={args.data_dir}")
+    return argv + [f"--template-variant={v}" for v in variants]
+
+
+def summarise(runs: list[dict[str, Any]], rows: list[dict[str, Any]], kind: str) -> str:
+    """Markdown table: each mechanism's paired speed-up (off time / on time per round)."""
+    times = {(r["variant"], r["round"]): r for r in runs}
+    rounds = sorted({r["round"] for r in runs})
+    measured = set(MEASURED_ON.get(kind, ()))
+    lines = [
+        "| mechanism | auto here | measured for auto before | train s with | train s without "
+        "| speed-up (paired median) | pays here | metric with / without |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows[1:]:
+        knob = row["mechanism"]
+        auto = AUTO_TABLE[kind].get(knob, False)
+        on_v, off_v = (row["variant"], BASELINE) if row["on"] else (BASELINE, row["variant"])
+        pairs = [
+            (times[(on_v, r)], times[(off_v, r)])
+            for r in rounds
+            if (on_v, r) in times and (off_v, r) in times
+        ]
+        if not pairs:
+            continue
+        ratio = statistics.median(off["train_s"] / on["train_s"] for on, off in pairs)
+        on_s = statistics.median(on["train_s"] for on, _ in pairs)
+        off_s = statistics.median(off["train_s"] for _, off in pairs)
+        metric = f"{pairs[0][0]['metric']:.4f} / {pairs[0][1]['metric']:.4f}"
+        lines.append(
+            f"| {knob} | {'on' if auto else 'off'} | {'yes' if knob in measured else 'no'} | "
+            f"{on_s:.1f} | {off_s:.1f} | {ratio:.3f}x | {'yes' if ratio > 1.0 else 'no'} | "
+            f"{metric} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=["conll2003", "sst2"], default="conll2003")
+    p.add_argument("--max-train", type=int, default=3000)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=3, help="rounds (paired medians)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--json-out", default=None, help="keep hf_vs_template's results here")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    p.add_argument("bench_args", nargs="*", help="after --: more arguments for hf_vs_template.py")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    hw = probe_hardware("auto")
+    rows = plan(hw.kind)
+    print(f"hardware: {describe_fingerprint(fingerprint())}")
+    print(f"kind {hw.kind}; trainer.precision=auto -> {auto_precision(hw)[0]}")
+    json_out = Path(args.json_out or "<temp dir>/runs.json")
+    if args.json_out is None and not args.dry_run:
+        json_out = Path(tempfile.mkdtemp(prefix="speed-")) / "runs.json"
+    argv_bench = bench_argv(args, [r["variant"] for r in rows], json_out)
+    print("plan: python benchmarks/hf_vs_template.py " + " ".join(f"'{a}'" for a in argv_bench))
+    for row in rows[1:]:
+        print(f"  {row['mechanism']}: {row['variant']}")
+    if args.dry_run:
+        return rows
+    _bench().main(argv_bench)
+    runs = [r for r in json.loads(json_out.read_text())["runs"] if r["kind"] == "template"]
+    print()
+    print(f"speed mechanisms on {hw.kind}, {args.task} x {args.max_train}, {args.repeat} rounds")
+    print(summarise(runs, rows, hw.kind))
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
