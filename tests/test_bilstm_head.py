@@ -115,3 +115,8 @@ def test_learns_a_rule_that_needs_left_context() -> None:
     pred = head.decode(head(feats, mask), mask)
     assert (pred[after] == 2).float().mean() > 0.9
     assert (pred == labels).float().mean() > 0.95
+
+
+def test_refused_on_classification(make_cfg) -> None:
+    with pytest.raises(ConfigError, match="head"):
+        train(make_cfg("head=token_bilstm", run="cls"))

@@ -37,6 +37,8 @@ class BiLSTMTokenHead(nn.Module):
         constrained, scheme: as for :class:`~nlp_transfer.heads.crf.CRFHead`.
     """
 
+    task = "sequence_labeling"  # the task it fits (checked at start: nlp_transfer.validation)
+
     def __init__(
         self,
         input_size: int,
