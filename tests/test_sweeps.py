@@ -12,7 +12,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -223,9 +222,7 @@ def test_failed_job_is_recorded_and_relaunch_skips_finished_jobs(tmp_path: Path)
     """3 jobs, the middle one fails (lr=nan, refused at start); then the same sweep again."""
     sweep = tmp_path / "sweep"
     args = ("trainer=cpu", "test=false", "optimizer.lr=1e-3,nan,1e-4", f"hydra.sweep.dir={sweep}")
-    start = time.perf_counter()
     proc = _multirun(tmp_path, *args)
-    first_wall = time.perf_counter() - start
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert _job_dirs(sweep) == ["0", "1", "2"]
     assert "job failed (ConfigError: optimizer.lr must be a number > 0, got nan)" in proc.stdout
@@ -236,9 +233,7 @@ def test_failed_job_is_recorded_and_relaunch_skips_finished_jobs(tmp_path: Path)
     before = {n: (sweep / n / "metrics.json").read_bytes() for n in ("0", "2")}
     mtimes = {n: (sweep / n / "metrics.json").stat().st_mtime_ns for n in ("0", "2")}
 
-    start = time.perf_counter()
     proc = _multirun(tmp_path, *args)
-    second_wall = time.perf_counter() - start
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     for n in ("0", "2"):
         assert f"{sweep / n}: skipped (already completed)" in proc.stdout
@@ -247,7 +242,6 @@ def test_failed_job_is_recorded_and_relaunch_skips_finished_jobs(tmp_path: Path)
         assert not (sweep / n / "attempts").exists()
     # the failed job ran again (and failed again); its first attempt was kept aside
     assert (sweep / "1" / "attempts" / "1" / "status.json").is_file()
-    assert second_wall < first_wall, (first_wall, second_wall)
     assert len(aggregate(sweep)) == 3 and (sweep / RESULTS_CSV).is_file()
 
 
