@@ -281,7 +281,8 @@ class TransferModule(LightningModule):
             return True
         return self.global_step % max(1, int(self.trainer.log_every_n_steps or 1)) == 0
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        """Update the metrics; returns the predictions (the ``PredictionWriter`` reads them)."""
         hidden, feats, mask = self.encode_all(batch)
         logits = self.head(feats, mask)
         labels = batch["labels"]
@@ -297,6 +298,7 @@ class TransferModule(LightningModule):
                 self.test_report.update(preds, labels)
         else:
             self._update_entity_metric(metrics, preds, batch, stage)
+        return preds
 
     def _update_entity_metric(
         self, metric: Any, preds: torch.Tensor, batch: dict[str, torch.Tensor], stage: str
@@ -339,11 +341,11 @@ class TransferModule(LightningModule):
             g = torch.tensor([merged_gold[sid]], device=metric.tp.device)
             metric.update(p, g)
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "val")
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "test")
 
     def _log_epoch_metrics(self, stage: str) -> dict[str, float]:
         metrics = self.val_metrics if stage == "val" else self.test_metrics

@@ -46,6 +46,7 @@ from nlp_transfer.data.errors import ConfigError, config_flag
 from nlp_transfer.training.determinism import set_deterministic_fill
 from nlp_transfer.training.hardware import apply_hardware_settings, metrics_record
 from nlp_transfer.training.loop_state import ResumeState
+from nlp_transfer.training.prediction_writer import PredictionWriter
 from nlp_transfer.training.progress_checkpoint import ProgressCheckpoint
 from nlp_transfer.training.resume import (
     AUTO,
@@ -233,6 +234,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         [resume_state],
         run_test="test" in datamodule.examples,
     )
+    metrics["train_examples"] = len(datamodule.examples["train"])  # learning curves' x axis
     write_metrics(metrics, trainer, out_dir)
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "cfg": cfg}
 
@@ -250,6 +252,10 @@ def fit_and_score(
     """Build the trainer, fit, score the best checkpoint on validation (and test), write
     ``metrics.json``; shared by single-task and multi-task runs."""
     callbacks = build_callbacks(cfg) + list(module.spec.callbacks) + list(extra_callbacks)
+    # per-example predictions of the final evaluation: predictions/[<task>/]{val,test}.npz
+    writer = PredictionWriter(plan.output_dir) if cfg.get("save_predictions", True) else None
+    if writer is not None:
+        callbacks.append(writer)
     _prepare_loggers(cfg, plan)
     loggers = build_loggers(cfg)
     plugins = _trainer_plugins(cfg)
@@ -275,6 +281,8 @@ def fit_and_score(
     best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
     # ckpt_path None: the weights in memory (e.g. fast_dev_run)
     evaluate = {"ckpt_path": best, "verbose": False, "weights_only": True}
+    if writer is not None:
+        writer.active = True  # the best checkpoint's passes below: the metrics.json numbers
     metrics: dict[str, Any] = {}
     metrics.update(_final_metrics(trainer.validate(module, datamodule=datamodule, **evaluate)))
     if cfg.get("test", True) and run_test:

@@ -61,6 +61,43 @@ def check_megabatch_mult(value: Any) -> int:
     return number
 
 
+def check_count(value: Any, key: str) -> int | None:
+    """A whole number >= 1, or None (``100`` and ``100.0`` pass; ``0``, ``2.5``, ``true`` fail)."""
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be a whole number >= 1 or null (all), got {value!r}")
+    return value
+
+
+def check_fraction(value: Any) -> float | None:
+    """``data.train_fraction`` in ``(0, 1]``, or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ConfigError(f"data.train_fraction must be in (0, 1] or null (all), got {value!r}")
+    return float(value)
+
+
+def nested_subset(
+    total: int, count: int | None, fraction: float | None, seed: int
+) -> list[int] | None:
+    """Indices (sorted) of a seeded subset of ``total`` examples, ``count`` of them or
+    ``round(fraction * total)`` (at least 1); None when that is all of them.
+
+    The subset is a prefix of one seeded permutation of ``range(total)``, so for one seed a
+    smaller subset is always contained in a larger one.
+    """
+    if count is None and fraction is not None:
+        count = max(1, round(fraction * total))
+    if count is None or count >= total:
+        return None
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))
+    return sorted(order[:count].tolist())
+
+
 def stable_hash(obj: Any) -> str:
     blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
@@ -75,6 +112,13 @@ class TransferDataModule(LightningDataModule):
     seeded ``val_fraction`` of train is carved out. ``length_grouping`` batches training
     examples of similar length together (shuffled megabatches, far less padding);
     ``megabatch_mult`` is the number of batches per length-sorted megabatch.
+
+    Training subsets (learning curves): ``max_train_examples`` (a count) or ``train_fraction``
+    (in ``(0, 1]``) keep a seeded random subset of train, in file order. The subset is the
+    first ``n`` of one permutation drawn from ``subsample_seed`` (default ``split_seed``, a
+    *data* seed: every training seed sees the same subset unless ``subsample_seed=${seed}``),
+    so subsets are nested: the 500 examples include the 100. Validation (carved or read) is
+    the same at every size. ``max_eval_examples`` keeps the first examples of val/test.
     """
 
     task: str = ""
@@ -96,6 +140,8 @@ class TransferDataModule(LightningDataModule):
         split_seed: int = 42,
         max_train_examples: int | None = None,
         max_eval_examples: int | None = None,
+        train_fraction: float | None = None,
+        subsample_seed: int | None = None,
         cache_dir: str | None = None,
         cache_tokenization: bool = True,
         length_grouping: bool = False,
@@ -114,8 +160,15 @@ class TransferDataModule(LightningDataModule):
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         self.val_fraction = val_fraction
         self.split_seed = split_seed
-        self.max_train_examples = max_train_examples
+        self.max_train_examples = check_count(max_train_examples, "data.max_train_examples")
         self.max_eval_examples = max_eval_examples
+        self.train_fraction = check_fraction(train_fraction)
+        if self.max_train_examples is not None and self.train_fraction is not None:
+            raise ConfigError(
+                f"data.max_train_examples={max_train_examples} and data.train_fraction="
+                f"{train_fraction} are both set; set one of them (the other null)"
+            )
+        self.subsample_seed = int(split_seed if subsample_seed is None else subsample_seed)
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "tokenized"
         self.cache_tokenization = cache_tokenization
         self.length_grouping = config_flag(length_grouping, "data.length_grouping")
@@ -229,9 +282,21 @@ class TransferDataModule(LightningDataModule):
         log.info("no validation split: carved %d examples out of train", n_val)
 
     def _slice(self) -> None:
-        """Deterministic prefixes, so a slice is the same in every run and every process."""
-        if self.max_train_examples and "train" in self.examples:
-            self.examples["train"] = self.examples["train"][: self.max_train_examples]
+        """Seeded nested train subset; eval prefixes. The same in every run and process."""
+        train = self.examples.get("train")
+        keep = None
+        if train is not None:
+            keep = nested_subset(
+                len(train), self.max_train_examples, self.train_fraction, self.subsample_seed
+            )
+        if train is not None and keep is not None:
+            self.examples["train"] = [train[i] for i in keep]
+            log.info(
+                "training on a seeded subset: %d of %d examples (subsample_seed=%d)",
+                len(keep),
+                len(train),
+                self.subsample_seed,
+            )
         if self.max_eval_examples:
             for split in ("validation", "test"):
                 if split in self.examples:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import Dataset
 
 from nlp_transfer.data.base import TransferDataModule
 from nlp_transfer.data.errors import DataError
@@ -145,6 +146,16 @@ class ClassificationDataModule(TransferDataModule):
             out["token_type_ids"] = enc["token_type_ids"]
         return out
 
+    def tokenized(self, split: str) -> Dataset:
+        """The tokenized split with ``example_id``, the example's position in the split (the
+        index of its per-example predictions); added after the tokenization cache, so cached
+        files and their keys stay as they were."""
+        ds = super().tokenized(split)
+        if "example_id" not in ds.column_names:
+            ds = ds.add_column("example_id", list(range(len(ds))))
+            self.datasets[split] = ds
+        return ds
+
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Dynamic padding: pad to the longest sequence of the batch."""
         pad_id = self.tokenizer.pad_token_id or 0
@@ -156,6 +167,10 @@ class ClassificationDataModule(TransferDataModule):
         }
         if "token_type_ids" in features[0]:
             batch["token_type_ids"] = pad_to([f["token_type_ids"] for f in features], 0)
+        if "example_id" in features[0]:
+            batch["example_id"] = torch.tensor(
+                [f["example_id"] for f in features], dtype=torch.long
+            )
         return batch
 
     def encode_texts(

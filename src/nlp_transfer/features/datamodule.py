@@ -3,9 +3,9 @@
 :class:`CachedFeatureDataModule` has the wrapped datamodule's labels, task, examples and
 splits, and its loaders yield what :meth:`TransferModule.encode` reads instead of running
 the encoder: ``hidden_states`` ``[B, T', S, H]`` and ``feature_mask`` ``[B, T']`` (``T' = 1``
-for pooled sentence vectors, tokens or words otherwise) plus ``labels``; for sequence
-labeling also ``word_mask``, ``owned_mask``, ``word_offset``, ``sentence_id`` and
-``sentence_words`` (every item is a whole sentence). Features are memory-mapped from the
+for pooled sentence vectors, tokens or words otherwise) plus ``labels`` (and ``example_id``
+for classification); for sequence labeling also ``word_mask``, ``owned_mask``,
+``word_offset``, ``sentence_id`` and ``sentence_words`` (every item is a whole sentence). Features are memory-mapped from the
 cache entries (see :mod:`nlp_transfer.features.extract`).
 
 Same results as the uncached run: the training loader is built like the wrapped one
@@ -94,6 +94,7 @@ def collate_sentences(items: list[tuple[int, np.ndarray, int]]) -> dict[str, tor
         "hidden_states": feats.unsqueeze(1),
         "feature_mask": torch.ones(len(items), 1, dtype=torch.long),
         "labels": torch.tensor([y for _, _, y in items], dtype=torch.long),
+        "example_id": torch.tensor([i for i, _, _ in items], dtype=torch.long),
     }
 
 
@@ -105,6 +106,7 @@ def collate_tokens(items: list[tuple[int, np.ndarray, int]]) -> dict[str, torch.
         "hidden_states": feats,
         "feature_mask": mask,
         "labels": torch.tensor([y for _, _, y in items], dtype=torch.long),
+        "example_id": torch.tensor([i for i, _, _ in items], dtype=torch.long),
     }
 
 

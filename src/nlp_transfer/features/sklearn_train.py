@@ -48,6 +48,7 @@ from nlp_transfer.features.extract import (
 from nlp_transfer.metrics.classification import PerClassReport, classification_metrics
 from nlp_transfer.metrics.entity import EntityF1
 from nlp_transfer.training.hardware import apply_hardware_settings, metrics_record
+from nlp_transfer.training.predictions import Predictions, write_predictions
 from nlp_transfer.utils.config_tree import print_config_tree
 from nlp_transfer.utils.io import OutputExistsError, atomic_write_json
 
@@ -159,6 +160,26 @@ def score_predictions(
     return {f"{stage}/{k}": float(v) for k, v in metric.compute().items()}
 
 
+def split_predictions(
+    preds: np.ndarray, data: SplitData, labels: list[str], task: str
+) -> Predictions:
+    """The per-example predictions file of a split (the rows :func:`score_predictions`
+    scores: one per example, or every word of every sentence)."""
+    preds = np.asarray(preds, dtype=np.int64)
+    if task == "classification":
+        index = np.arange(len(data.y), dtype=np.int64)
+        return Predictions(task=task, labels=labels, index=index, gold=data.y, pred=preds)
+    assert data.offsets is not None
+    return Predictions(
+        task=task,
+        labels=labels,
+        index=np.arange(len(data.offsets) - 1, dtype=np.int64),
+        gold=data.y,
+        pred=preds,
+        offsets=data.offsets,
+    )
+
+
 def fitted_parameter_count(estimator: Any) -> int | None:
     """Numbers a linear model / SVM learned (coefficients, support vectors); None for trees."""
     final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
@@ -228,11 +249,12 @@ def train_sklearn(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if split not in datamodule.examples or (stage == "test" and not cfg.get("test", True)):
             continue
         data = load(split)
+        predicted = estimator.predict(data.x)
         metrics.update(
-            score_predictions(
-                estimator.predict(data.x), data, labels, task, stage, per_class=stage == "test"
-            )
+            score_predictions(predicted, data, labels, task, stage, per_class=stage == "test")
         )
+        if cfg.get("save_predictions", True):
+            write_predictions(out_dir, stage, split_predictions(predicted, data, labels, task))
     model_path = out_dir / MODEL_FILE
     joblib.dump(
         {
@@ -257,6 +279,7 @@ def train_sklearn(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "global_steps": None,
             "train_wall_s": round(wall, 3),
             "feature_wall_s": round(feature_s, 3),
+            "train_examples": len(datamodule.examples["train"]),
             "trainable_params": fitted,
             "total_params": encoder_params + (fitted or 0),
             "frozen_params": encoder_params,

@@ -289,7 +289,7 @@ class MultiTaskModule(TransferModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size)
         return loss
 
-    def _task_eval_step(self, batch: dict[str, Any], stage: str) -> None:
+    def _task_eval_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         task = self.task_of(batch)
         feats, mask = self.encode_task(batch, task)
         head = self.heads[task]
@@ -312,14 +312,17 @@ class MultiTaskModule(TransferModule):
                 self.test_reports[task].update(preds, labels)
         else:
             self._update_entity_metric(metric, preds, batch, f"{stage}/{task}")
+        return preds  # read by the PredictionWriter
 
     def validation_step(
         self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._task_eval_step(batch, "val")
+    ) -> torch.Tensor:
+        return self._task_eval_step(batch, "val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._task_eval_step(batch, "test")
+    def test_step(
+        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> torch.Tensor:
+        return self._task_eval_step(batch, "test")
 
     def _log_task_metrics(self, stage: str) -> dict[str, float]:
         """Compute, log and reset every task's metrics, plus ``<stage>/mean_primary``."""

@@ -2,6 +2,7 @@
 
 Every run writes ``<run dir>/predictions/<split>.npz`` (``val``, ``test``) next to
 ``metrics.json``; aggregation reads them back for example-level bootstraps and paired tests.
+A multi-task run writes one folder per task: ``predictions/<task>/<split>.npz``.
 
 One file per split, compressed numpy arrays (a CoNLL-2003 test split is ~100 KB), so a sweep
 of hundreds of jobs can afford them:
@@ -97,15 +98,23 @@ class Predictions:
         )
 
 
-def predictions_path(run_dir: str | Path, split: str) -> Path:
+def predictions_path(run_dir: str | Path, split: str, task: str | None = None) -> Path:
+    """``<run_dir>/predictions/[<task>/]<split>.npz`` (``task``: a multi-task run's task)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return Path(run_dir) / FOLDER / f"{split}.npz"
+    folder = Path(run_dir) / FOLDER
+    if task is not None:
+        if not task or task in (".", "..") or "/" in task or "\\" in task:
+            raise ValueError(f"task name {task!r} cannot name a predictions folder")
+        folder = folder / task
+    return folder / f"{split}.npz"
 
 
-def write_predictions(run_dir: str | Path, split: str, preds: Predictions) -> Path:
+def write_predictions(
+    run_dir: str | Path, split: str, preds: Predictions, task: str | None = None
+) -> Path:
     """Write one split's predictions atomically (temp file, fsync, rename)."""
-    path = predictions_path(run_dir, split)
+    path = predictions_path(run_dir, split, task)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {
         "task": np.asarray(preds.task),
@@ -142,11 +151,22 @@ def read_predictions(path: str | Path) -> Predictions:
         )
 
 
-def load_run_predictions(run_dir: str | Path) -> dict[str, Predictions]:
-    """The splits a run wrote predictions for (possibly none)."""
+def load_run_predictions(run_dir: str | Path, task: str | None = None) -> dict[str, Predictions]:
+    """The splits a run (or one task of a multi-task run) wrote predictions for (possibly
+    none)."""
     out = {}
     for split in SPLITS:
-        path = predictions_path(run_dir, split)
+        path = predictions_path(run_dir, split, task)
         if path.is_file():
             out[split] = read_predictions(path)
     return out
+
+
+def prediction_tasks(run_dir: str | Path) -> list[str]:
+    """Task names of a multi-task run's predictions (sub-folders), sorted; ``[]`` otherwise."""
+    folder = Path(run_dir) / FOLDER
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("*.npz"))
+    )

@@ -47,6 +47,7 @@ RESULT_MARKERS = (
     "checkpoints",
     "hpc_ckpt_*.ckpt",
     "csv/metrics.csv",
+    "predictions",
     "tensorboard/events.out.tfevents.*",
     "wandb",
     WANDB_ID_FILE,
