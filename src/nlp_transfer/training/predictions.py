@@ -167,6 +167,4 @@ def prediction_tasks(run_dir: str | Path) -> list[str]:
     folder = Path(run_dir) / FOLDER
     if not folder.is_dir():
         return []
-    return sorted(
-        p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("*.npz"))
-    )
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("*.npz")))
