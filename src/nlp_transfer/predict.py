@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from nlp_transfer.builders import check_required
-from nlp_transfer.checkpoint import read_checkpoint, restore
+from nlp_transfer.checkpoint import read_checkpoint, restore, restore_options
 from nlp_transfer.data.alignment import merge_window_predictions
 from nlp_transfer.data.conll import read_conll
 from nlp_transfer.data.errors import DataError, config_flag
@@ -218,7 +218,9 @@ def predict(cfg: DictConfig) -> Path:
     else:
         texts = read_inputs(str(cfg.input), text_field, encoding)
     module, datamodule = restore(
-        run, trust_remote_code=config_flag(cfg.get("trust_remote_code"), "trust_remote_code")
+        run,
+        trust_remote_code=config_flag(cfg.get("trust_remote_code"), "trust_remote_code"),
+        **restore_options(cfg),
     )
     if run.task == "sequence_labeling":
         scheme = run.config.data.get("train_scheme", "IOB2")
