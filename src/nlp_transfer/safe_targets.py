@@ -18,7 +18,8 @@ A checkpoint's run config is data from a file, not from the user's command line,
   ``allow_pickle``, ``pickle_module`` are refused; ``trust_remote_code: true`` anywhere
   only with the caller's explicit consent; URLs in the built sections are refused;
 - ``extra_targets`` (the command line's ``safe_targets_extra``, never the checkpoint) opts
-  a user's own components in: an exact target, or a module prefix ending in ``.``.
+  a user's own components in: an exact target (allowed as given), or a module prefix
+  ending in ``.`` (objects defined in a module under it).
 
 Directory keys that decide where files are *written* (``data.cache_dir``) are not taken
 from the checkpoint at all: :func:`nlp_transfer.checkpoint.restore` sets the caller's.
@@ -138,18 +139,21 @@ def resolve_defined(target: str) -> Any:
 
 def check_target(target: Any, section: str | None, extra: Sequence[str] = ()) -> None:
     """Refuse ``target`` unless it is allowed in ``section`` (``None``: a section that
-    loading never builds)."""
+    loading never builds). ``extra`` only opts in targets outside ``nlp_transfer`` and
+    :data:`THIRD_PARTY_TARGETS`, whose rules it cannot widen."""
     if not isinstance(target, str):
         raise UnsafeConfigError(f"_target_ must be a dotted name, not {type(target).__name__}")
-    if _matches_extra(target, extra):
-        resolve_defined(target)
-        return
     if target in THIRD_PARTY_TARGETS:
         obj = resolve_third_party(target)
         if section is None or (section == "optimizer" and issubclass(obj, torch.optim.Optimizer)):
             return
-        raise UnsafeConfigError(f"a {section} is built from this package's components only")
+        raise UnsafeConfigError(f"{section} objects are built from this package's components only")
     if not target.startswith("nlp_transfer."):
+        if target in extra:
+            return  # named exactly by the user: their decision
+        if _matches_extra(target, extra):
+            resolve_defined(target)
+            return
         raise UnsafeConfigError(
             "only classes defined in nlp_transfer's component modules and "
             f"{len(THIRD_PARTY_TARGETS)} listed third-party classes are allowed"
@@ -162,7 +166,7 @@ def check_target(target: Any, section: str | None, extra: Sequence[str] = ()) ->
     prefixes = BUILT_SECTIONS[section]
     if not target.startswith(prefixes) or not _kind_ok(section, obj):
         raise UnsafeConfigError(
-            f"a {section} must be a {section} component defined under {list(prefixes)}"
+            f"{section} targets must be {section} components defined under {list(prefixes)}"
         )
 
 
@@ -223,6 +227,8 @@ def check_stored_config(
             raise refuse(where, "_partial_: true where the project's configs never set it")
         if key == "_convert_" and value not in CONVERT_VALUES:
             raise refuse(where, f"_convert_={value!r}")
+        if key == "_target_" and isinstance(child, DictConfig | ListConfig):
+            raise refuse(where, "_target_ must be a dotted name, not a mapping or list")
         if key == "_target_":
             try:
                 check_target(value, built, extra)
@@ -230,3 +236,12 @@ def check_stored_config(
                 raise refuse(f"{where}={value!r}", str(e)) from None
         if built and isinstance(value, str) and URL.match(value):
             raise refuse(where, f"the URL {value!r} (loading never fetches stored URLs)")
+
+
+def config_targets(cfg: DictConfig) -> list[str]:
+    """Every ``_target_`` string of a config the user composed (not a stored one)."""
+    return [
+        str(child._value())
+        for _, key, child in _walk(cfg, "")
+        if key == "_target_" and not child._is_interpolation()
+    ]

@@ -41,8 +41,14 @@ from nlp_transfer.builders import (
     check_required,
     plain_config,
 )
-from nlp_transfer.checkpoint import CheckpointError, check_fits, read_checkpoint
+from nlp_transfer.checkpoint import (
+    CheckpointError,
+    check_config_safe,
+    check_fits,
+    read_checkpoint,
+)
 from nlp_transfer.data.errors import ConfigError, config_flag
+from nlp_transfer.safe_targets import config_targets
 from nlp_transfer.training.determinism import set_deterministic_fill
 from nlp_transfer.training.hardware import apply_hardware_settings, metrics_record
 from nlp_transfer.training.loop_state import ResumeState
@@ -122,6 +128,16 @@ def _plan_run(cfg: DictConfig) -> RunPlan:
     return RunPlan(out_dir, found, resuming=True, skipped=skipped)
 
 
+def _check_stored_config(cfg: DictConfig, ckpt_path: Path) -> None:
+    """Refuse a checkpoint whose stored config names anything but this project's components
+    or the targets of this run's own config (the user's choice, e.g. their own head)."""
+    encoder = cfg.get("encoder") or {}
+    trusted = config_flag(encoder.get("trust_remote_code"), "encoder.trust_remote_code", False)
+    check_config_safe(
+        read_checkpoint(ckpt_path, mmap=True), trusted, extra_targets=config_targets(cfg)
+    )
+
+
 def _prepare_loggers(cfg: DictConfig, plan: RunPlan) -> None:
     """wandb: a run id stored in the run folder (a resume continues that wandb run);
     CSV: append to the run's ``metrics.csv`` when resuming (Lightning's logger deletes it)."""
@@ -197,6 +213,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
         return train_multitask(cfg)
     plan = _plan_run(cfg)
+    if plan.ckpt_path is not None:  # a stored config is file data: refuse hostile ones first
+        _check_stored_config(cfg, plan.ckpt_path)
     out_dir = plan.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("extras", {}).get("print_config", True):
