@@ -56,8 +56,8 @@ from nlp_transfer.training.progress_checkpoint import ProgressCheckpoint
 from nlp_transfer.training.resume import (
     AUTO,
     RunPlan,
-    existing_results,
     find_resume_checkpoint,
+    output_dir_refusal,
     remove_stale_temp_files,
     wandb_run_id,
 )
@@ -71,21 +71,9 @@ log = logging.getLogger(__name__)
 
 def _check_output_dir(out_dir: Path, resuming: bool) -> None:
     """A new run never writes over another run's results; a completed run is never resumed."""
-    if not resuming:
-        existing = existing_results(out_dir)
-        if existing:
-            hint = "" if "metrics.json" in existing else f", or continue that run: resume={out_dir}"
-            raise OutputExistsError(
-                f"{out_dir} already holds {existing} of another run; nothing was overwritten. "
-                f"Use a new hydra.run.dir{hint}"
-            )
-        return
-    if (out_dir / "metrics.json").exists():
-        raise OutputExistsError(
-            f"{out_dir} holds a completed run (metrics.json); nothing was overwritten or "
-            "resumed. To train it further start a new run from its checkpoint: "
-            f"ckpt_path={out_dir / 'checkpoints' / 'last.ckpt'}"
-        )
+    reason = output_dir_refusal(out_dir, resuming)
+    if reason:
+        raise OutputExistsError(reason)
 
 
 def _plan_run(cfg: DictConfig) -> RunPlan:
@@ -133,9 +121,8 @@ def _check_stored_config(cfg: DictConfig, ckpt_path: Path) -> None:
     or the targets of this run's own config (the user's choice, e.g. their own head)."""
     encoder = cfg.get("encoder") or {}
     trusted = config_flag(encoder.get("trust_remote_code"), "encoder.trust_remote_code", False)
-    check_config_safe(
-        read_checkpoint(ckpt_path, mmap=True), trusted, extra_targets=config_targets(cfg)
-    )
+    extra = [*config_targets(cfg), *(cfg.get("safe_targets_extra") or [])]
+    check_config_safe(read_checkpoint(ckpt_path, mmap=True), trusted, extra_targets=extra)
 
 
 def _prepare_loggers(cfg: DictConfig, plan: RunPlan) -> None:
