@@ -30,7 +30,7 @@ from nlp_transfer.data.errors import config_flag
 from nlp_transfer.encoders.transformer import TransformerEncoder
 from nlp_transfer.module import TransferModule
 from nlp_transfer.safe_targets import check_stored_config
-from nlp_transfer.utils.io import atomic_write_json, guard_new_output
+from nlp_transfer.utils.io import atomic_write_json, guard_new_output, new_dir_atomically
 from nlp_transfer.utils.resolvers import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     )
     texts = sample_texts(datamodule) if cfg.get("verify", True) else []
     reference = _predictions(module, datamodule, texts) if texts else None
-    export_module(module, out_dir)
+    with new_dir_atomically(out_dir, "export directory") as staging:
+        export_module(module, staging)  # published complete or not at all
     result: dict[str, Any] = {"export_dir": str(out_dir)}
     if reference is not None:
         result["max_prob_diff"] = verify_export(reference, out_dir, texts)
