@@ -66,9 +66,9 @@ MANIFEST = "manifest.json"
 CONFIG_KEY = "features.cache_dir"
 ENV_ROOT = "NLP_TRANSFER_FEATURE_CACHE"
 # the default of ``features.cache_dir``: ${paths.cache_dir}/features, where
-# paths.cache_dir is $NLP_TRANSFER_CACHE or <repository root>/.cache
+# paths.cache_dir is $NLP_TRANSFER_CACHE, else the user cache folder
 ENV_CACHE = "NLP_TRANSFER_CACHE"
-DEFAULT_ROOT = "$NLP_TRANSFER_CACHE/features or <repository root>/.cache/features"
+DEFAULT_ROOT = "$NLP_TRANSFER_CACHE/features, else ~/.cache/nlp_transfer/features"
 
 _TMP = ".tmp"
 _TRASH = ".trash"
@@ -567,18 +567,16 @@ class EntryInfo:
 def default_root() -> Path:
     """The root runs use by default (``features.cache_dir`` = ``${paths.cache_dir}/features``).
 
-    ``$NLP_TRANSFER_FEATURE_CACHE`` if set, else ``$NLP_TRANSFER_CACHE/features``, else
-    ``<repository root>/.cache/features`` (``$NLP_TRANSFER_ROOT`` moves the root).
+    ``$NLP_TRANSFER_FEATURE_CACHE`` if set, else ``<cache root>/features``: the cache root
+    is ``$NLP_TRANSFER_CACHE``, else ``$XDG_CACHE_HOME/nlp_transfer``, else
+    ``~/.cache/nlp_transfer`` (:func:`nlp_transfer.utils.resolvers.cache_root`).
     """
     explicit = os.environ.get(ENV_ROOT)
     if explicit:
         return Path(explicit).expanduser()
-    cache = os.environ.get(ENV_CACHE)
-    if cache:
-        return Path(cache).expanduser() / "features"
-    from nlp_transfer.utils.resolvers import project_root
+    from nlp_transfer.utils.resolvers import cache_root
 
-    return Path(project_root()) / ".cache" / "features"
+    return Path(cache_root()) / "features"
 
 
 def _pid_alive(pid: int) -> bool:
