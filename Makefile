@@ -72,8 +72,11 @@ clean:  ## remove build and test caches (never runs, logs or checkpoints)
 	rm -rf build dist .pytest_cache .ruff_cache src/*.egg-info
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -print -exec rm -rf {} +
 
-clean-cache:  ## remove tokenization and feature caches (.cache/)
-	rm -rf .cache
+clean-cache:  ## remove tokenization and feature caches (the user cache folder, see README)
+	@root="$$($(PY) -c 'from nlp_transfer.utils.resolvers import cache_root; print(cache_root())')"; \
+	echo "removing $$root/tokenized and $$root/features"; \
+	rm -rf "$$root/tokenized" "$$root/features"
+	rm -rf .cache  # where caches were kept before they moved out of the repository
 
 clean-logs:  ## DELETE all runs under logs/ (checkpoints, metrics): asks first
 	@read -p "Delete every run under logs/ (checkpoints and metrics)? [y/N] " ans && [ "$$ans" = y ] && rm -rf logs || echo "kept logs/"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,11 @@ from omegaconf import DictConfig, open_dict
 
 from nlp_transfer.utils.resolvers import CONFIG_DIR, PROJECT_ROOT
 
+# tests (and the CLI runs they start) never write into the user's real cache folder
+_TEST_CACHE = tempfile.mkdtemp(prefix="nlp_transfer_test_cache_")
+atexit.register(shutil.rmtree, _TEST_CACHE, ignore_errors=True)
+os.environ["NLP_TRANSFER_CACHE"] = _TEST_CACHE
+os.environ.pop("NLP_TRANSFER_FEATURE_CACHE", None)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

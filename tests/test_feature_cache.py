@@ -314,8 +314,33 @@ def test_checksum_verification_catches_flipped_bytes(tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF  # same size, different content
     path.write_bytes(bytes(data))
-    assert FeatureCache(tmp_path).get(make_parts()) is not None  # size check passes
+    assert FeatureCache(tmp_path, verify="size").get(make_parts()) is not None  # size passes
     assert cache.get(make_parts()) is None  # checksum check does not
+    cache.get_or_compute(make_parts(), compute)
+    assert compute.calls == 2
+
+
+def test_default_verification_hashes_each_entry_once_per_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nlp_transfer.features.cache as cache_mod
+
+    cache = FeatureCache(tmp_path)  # verify="once"
+    compute = Counter()
+    path = cache.get_or_compute(make_parts(), compute).path / "features.npy"
+    hashed: list[Path] = []
+    real = cache_mod._sha256_file
+    monkeypatch.setattr(cache_mod, "_sha256_file", lambda p: hashed.append(p) or real(p))
+    cache_mod._VERIFIED.clear()  # as in a new process
+    assert cache.get(make_parts()) is not None and cache.get(make_parts()) is not None
+    assert hashed.count(path) == 1  # the second read costs a stat only
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes, mtime kept (bit rot, a careless copy)
+    stat = path.stat()
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    cache_mod._VERIFIED.clear()  # the next run
+    assert cache.get(make_parts()) is None  # detected and removed
     cache.get_or_compute(make_parts(), compute)
     assert compute.calls == 2
 

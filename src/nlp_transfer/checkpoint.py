@@ -4,10 +4,11 @@ Safety rules:
 
 - files are read with ``torch.load(weights_only=True)``: tensors and plain containers only,
   never arbitrary pickled objects;
-- the run config stored in a checkpoint is only used to build objects from this package
-  (and ``torch.optim``): :func:`check_config_safe` refuses any other ``_target_`` before
-  anything is instantiated, and refuses ``trust_remote_code: true`` unless the caller passes
-  ``trust_remote_code=True`` explicitly;
+- the run config stored in a checkpoint is only used to build this package's components
+  (and ``torch.optim``): :func:`check_config_safe` resolves every ``_target_`` and refuses
+  anything else, stored loader flags and ``trust_remote_code: true`` (unless the caller
+  passes ``trust_remote_code=True``) before anything is instantiated
+  (:mod:`nlp_transfer.safe_targets`); the tokenization cache folder is the caller's;
 - a checkpoint trained for another task or label set is refused (``expect_task`` /
   ``expect_labels``) instead of being loaded silently with mismatched label ids.
 """
@@ -20,23 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from nlp_transfer.builders import build_datamodule, build_encoder, build_module
-from nlp_transfer.data.base import TransferDataModule
+from nlp_transfer.data.base import TransferDataModule, default_cache_dir
 from nlp_transfer.module import TransferModule
-
-# config sections that restore() instantiates, and the modules their targets may come from
-SAFE_TARGETS: dict[str, tuple[str, ...]] = {
-    "encoder": ("nlp_transfer.encoders.",),
-    "data": ("nlp_transfer.data.",),
-    "head": ("nlp_transfer.heads.",),
-    "strategy": ("nlp_transfer.strategies.",),
-    "optimizer": ("torch.optim.", "nlp_transfer.training.lazy_adamw."),
-    "scheduler": ("nlp_transfer.training.", "torch.optim.lr_scheduler."),
-    "layer_pooling": ("nlp_transfer.encoders.",),
-    "subword_pooling": ("nlp_transfer.encoders.",),
-}
+from nlp_transfer.safe_targets import UnsafeConfigError, check_stored_config
 
 
 class CheckpointError(ValueError):
@@ -112,41 +102,16 @@ def check_fits(
     )
 
 
-def check_config_safe(run: LoadedRun, trust_remote_code: bool = False) -> None:
-    """Refuse a stored config that would build objects outside :data:`SAFE_TARGETS`
-    or run hub code (``trust_remote_code``) without the caller's explicit consent."""
-    cfg = run.config
-    for section, allowed in SAFE_TARGETS.items():
-        node = cfg.get(section)
-        for where, target in _targets(node, section):
-            if not str(target).startswith(allowed):
-                raise CheckpointError(
-                    f"{run.path}: its config builds {where}._target_={target!r}; loading a "
-                    f"checkpoint only builds {section} objects from {list(allowed)}. Refused: "
-                    "this checkpoint was not written by this project's configs."
-                )
-    encoder = cfg.get("encoder")
-    if (
-        isinstance(encoder, DictConfig)
-        and encoder.get("trust_remote_code")
-        and not trust_remote_code
-    ):
-        raise CheckpointError(
-            f"{run.path}: its encoder needs trust_remote_code=true (model code from the hub "
-            "would run); pass trust_remote_code=True explicitly if you trust "
-            f"{encoder.get('name_or_path')!r}."
-        )
-
-
-def _targets(node: Any, where: str) -> list[tuple[str, Any]]:
-    if isinstance(node, DictConfig):
-        found = [(where, node["_target_"])] if "_target_" in node else []
-        for key in node:
-            found += _targets(node._get_node(key), f"{where}.{key}")
-        return found
-    if isinstance(node, ListConfig):
-        return [t for i in range(len(node)) for t in _targets(node._get_node(i), f"{where}[{i}]")]
-    return []
+def check_config_safe(
+    run: LoadedRun, trust_remote_code: bool = False, extra_targets: Sequence[str] = ()
+) -> None:
+    """Refuse a stored config that would build anything but this project's components,
+    or run hub code (``trust_remote_code``) without the caller's explicit consent
+    (:mod:`nlp_transfer.safe_targets`)."""
+    try:
+        check_stored_config(run.config, str(run.path), trust_remote_code, extra_targets)
+    except UnsafeConfigError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def restore(
@@ -156,17 +121,21 @@ def restore(
     expect_task: str | None = None,
     expect_labels: Sequence[str] | None = None,
     trust_remote_code: bool = False,
+    extra_targets: Sequence[str] = (),
+    cache_dir: str | Path | None = None,
 ) -> tuple[TransferModule, TransferDataModule]:
     """Rebuild the trained module (weights loaded) and a datamodule with its labels.
 
     Raises :class:`CheckpointError` when the checkpoint's task or labels differ from
     ``expect_task`` / ``expect_labels`` (when given) or its config is unsafe to build.
+    The tokenization cache goes to ``cache_dir`` (default: the user cache folder), never
+    to a folder named by the checkpoint.
     """
     check_fits(run, expect_task, expect_labels)
-    check_config_safe(run, trust_remote_code=trust_remote_code)
+    check_config_safe(run, trust_remote_code=trust_remote_code, extra_targets=extra_targets)
     cfg = run.config
-    if data_overrides:
-        cfg = OmegaConf.merge(cfg, {"data": data_overrides})
+    tokenized = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "tokenized"
+    cfg = OmegaConf.merge(cfg, {"data": {**(data_overrides or {}), "cache_dir": str(tokenized)}})
     encoder = build_encoder(cfg)
     datamodule = build_datamodule(cfg, encoder, labels=run.labels)
     module = build_module(cfg, encoder, run.labels, run.task)
@@ -180,3 +149,17 @@ def restore(
         )
     module.eval()
     return module, datamodule
+
+
+def restore_options(cfg: DictConfig) -> dict[str, Any]:
+    """:func:`restore` settings from an eval/predict/export invocation's own config."""
+    extra = cfg.get("safe_targets_extra") or []
+    if isinstance(extra, str) or not all(isinstance(e, str) for e in extra):
+        raise CheckpointError(
+            f"safe_targets_extra={extra!r}: give a list of targets or module prefixes, "
+            "e.g. safe_targets_extra=[mypkg.heads.]"
+        )
+    return {
+        "extra_targets": list(extra),
+        "cache_dir": Path(cfg.paths.cache_dir) / "tokenized",
+    }

@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nlp_transfer.builders import check_required
-from nlp_transfer.checkpoint import read_checkpoint, restore
+from nlp_transfer.checkpoint import read_checkpoint, restore, restore_options
 from nlp_transfer.data.errors import ConfigError, config_flag
 from nlp_transfer.training.hardware import apply_hardware_settings
 from nlp_transfer.utils.config_tree import print_config_tree
@@ -45,6 +45,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         run,
         overrides,
         trust_remote_code=config_flag(cfg.get("trust_remote_code"), "trust_remote_code"),
+        **restore_options(cfg),
     )
     datamodule.load_examples()
     apply_hardware_settings(cfg)  # trainer.precision=auto for this machine

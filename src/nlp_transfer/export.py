@@ -24,12 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from nlp_transfer.builders import build_datamodule, build_module, check_required
-from nlp_transfer.checkpoint import read_checkpoint, restore
-from nlp_transfer.data.base import TransferDataModule
+from nlp_transfer.checkpoint import read_checkpoint, restore, restore_options
+from nlp_transfer.data.base import TransferDataModule, default_cache_dir
 from nlp_transfer.data.errors import config_flag
 from nlp_transfer.encoders.transformer import TransformerEncoder
 from nlp_transfer.module import TransferModule
-from nlp_transfer.utils.io import atomic_write_json, guard_new_output
+from nlp_transfer.safe_targets import check_stored_config
+from nlp_transfer.utils.io import atomic_write_json, guard_new_output, new_dir_atomically
 from nlp_transfer.utils.resolvers import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -100,9 +101,15 @@ def load_export(path: str | Path) -> tuple[TransferModule, TransferDataModule]:
             "head": meta["head"],
             "layer_pooling": meta["layer_pooling"],
             "subword_pooling": meta["subword_pooling"],
-            "data": {**meta["data"], "data_dir": None, "train_file": None},
+            "data": {
+                **meta["data"],
+                "data_dir": None,
+                "train_file": None,
+                "cache_dir": str(default_cache_dir() / "tokenized"),  # never the stored one
+            },
         }
     )
+    check_stored_config(cfg, str(meta_file))  # the folder's configs build only our components
     encoder = hydra.utils.instantiate(cfg.encoder)
     module = build_module(cfg, encoder, meta["labels"], meta["task"])
     state = load_file(str(path / HEAD_WEIGHTS))
@@ -165,11 +172,14 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         Path(cfg.output_dir) if cfg.get("output_dir") else Path(cfg.paths.output_dir) / "export"
     )
     module, datamodule = restore(
-        run, trust_remote_code=config_flag(cfg.get("trust_remote_code"), "trust_remote_code")
+        run,
+        trust_remote_code=config_flag(cfg.get("trust_remote_code"), "trust_remote_code"),
+        **restore_options(cfg),
     )
     texts = sample_texts(datamodule) if cfg.get("verify", True) else []
     reference = _predictions(module, datamodule, texts) if texts else None
-    export_module(module, out_dir)
+    with new_dir_atomically(out_dir, "export directory") as staging:
+        export_module(module, staging)  # published complete or not at all
     result: dict[str, Any] = {"export_dir": str(out_dir)}
     if reference is not None:
         result["max_prob_diff"] = verify_export(reference, out_dir, texts)

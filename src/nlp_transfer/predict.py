@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from nlp_transfer.builders import check_required
-from nlp_transfer.checkpoint import read_checkpoint, restore
+from nlp_transfer.checkpoint import read_checkpoint, restore, restore_options
 from nlp_transfer.data.alignment import merge_window_predictions
 from nlp_transfer.data.conll import read_conll
 from nlp_transfer.data.errors import DataError, config_flag
@@ -25,7 +25,7 @@ from nlp_transfer.data.readers import DEFAULT_ENCODING, decode_text, read_text_f
 from nlp_transfer.data.sequence_labeling import split_words
 from nlp_transfer.data.tags import entities_from_tags, tags_from_entities
 from nlp_transfer.module import TransferModule
-from nlp_transfer.utils.io import guard_new_output
+from nlp_transfer.utils.io import guard_new_output, new_file_atomically
 from nlp_transfer.utils.resolvers import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -218,21 +218,23 @@ def predict(cfg: DictConfig) -> Path:
     else:
         texts = read_inputs(str(cfg.input), text_field, encoding)
     module, datamodule = restore(
-        run, trust_remote_code=config_flag(cfg.get("trust_remote_code"), "trust_remote_code")
+        run,
+        trust_remote_code=config_flag(cfg.get("trust_remote_code"), "trust_remote_code"),
+        **restore_options(cfg),
     )
     if run.task == "sequence_labeling":
         scheme = run.config.data.get("train_scheme", "IOB2")
         rows = predict_entities(module, datamodule, items, int(cfg.batch_size), scheme)
     else:
         rows = predict_texts(module, datamodule, texts, int(cfg.batch_size))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
     count = 0
-    with tmp.open("w", encoding="utf-8") as f:
+    with (
+        new_file_atomically(out_path, "prediction file") as tmp,
+        tmp.open("w", encoding="utf-8") as f,
+    ):
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             count += 1
-    tmp.replace(out_path)
     log.info("%d predictions written to %s", count, out_path)
     return out_path
 

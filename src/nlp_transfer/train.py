@@ -41,8 +41,14 @@ from nlp_transfer.builders import (
     check_required,
     plain_config,
 )
-from nlp_transfer.checkpoint import CheckpointError, check_fits, read_checkpoint
+from nlp_transfer.checkpoint import (
+    CheckpointError,
+    check_config_safe,
+    check_fits,
+    read_checkpoint,
+)
 from nlp_transfer.data.errors import ConfigError, config_flag
+from nlp_transfer.safe_targets import config_targets
 from nlp_transfer.training.determinism import set_deterministic_fill
 from nlp_transfer.training.hardware import apply_hardware_settings, metrics_record
 from nlp_transfer.training.loop_state import ResumeState
@@ -51,8 +57,8 @@ from nlp_transfer.training.progress_checkpoint import ProgressCheckpoint
 from nlp_transfer.training.resume import (
     AUTO,
     RunPlan,
-    existing_results,
     find_resume_checkpoint,
+    output_dir_refusal,
     remove_stale_temp_files,
     wandb_run_id,
 )
@@ -66,21 +72,9 @@ log = logging.getLogger(__name__)
 
 def _check_output_dir(out_dir: Path, resuming: bool) -> None:
     """A new run never writes over another run's results; a completed run is never resumed."""
-    if not resuming:
-        existing = existing_results(out_dir)
-        if existing:
-            hint = "" if "metrics.json" in existing else f", or continue that run: resume={out_dir}"
-            raise OutputExistsError(
-                f"{out_dir} already holds {existing} of another run; nothing was overwritten. "
-                f"Use a new hydra.run.dir{hint}"
-            )
-        return
-    if (out_dir / "metrics.json").exists():
-        raise OutputExistsError(
-            f"{out_dir} holds a completed run (metrics.json); nothing was overwritten or "
-            "resumed. To train it further start a new run from its checkpoint: "
-            f"ckpt_path={out_dir / 'checkpoints' / 'last.ckpt'}"
-        )
+    reason = output_dir_refusal(out_dir, resuming)
+    if reason:
+        raise OutputExistsError(reason)
 
 
 def _plan_run(cfg: DictConfig) -> RunPlan:
@@ -121,6 +115,15 @@ def _plan_run(cfg: DictConfig) -> RunPlan:
     else:
         log.info("resume: continuing %s from %s", out_dir, found)
     return RunPlan(out_dir, found, resuming=True, skipped=skipped)
+
+
+def _check_stored_config(cfg: DictConfig, ckpt_path: Path) -> None:
+    """Refuse a checkpoint whose stored config names anything but this project's components
+    or the targets of this run's own config (the user's choice, e.g. their own head)."""
+    encoder = cfg.get("encoder") or {}
+    trusted = config_flag(encoder.get("trust_remote_code"), "encoder.trust_remote_code", False)
+    extra = [*config_targets(cfg), *(cfg.get("safe_targets_extra") or [])]
+    check_config_safe(read_checkpoint(ckpt_path, mmap=True), trusted, extra_targets=extra)
 
 
 def _prepare_loggers(cfg: DictConfig, plan: RunPlan) -> None:
@@ -198,6 +201,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
         return train_multitask(cfg)
     plan = _plan_run(cfg)
+    if plan.ckpt_path is not None:  # a stored config is file data: refuse hostile ones first
+        _check_stored_config(cfg, plan.ckpt_path)
     out_dir = plan.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("extras", {}).get("print_config", True):

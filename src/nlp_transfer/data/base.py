@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import operator
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,10 @@ SPLITS = ("train", "validation", "test")
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("NLP_TRANSFER_CACHE", Path.home() / ".cache" / "nlp_transfer"))
+    """The user cache folder (``paths.cache_dir``'s default; see ``resolvers.cache_root``)."""
+    from nlp_transfer.utils.resolvers import cache_root
+
+    return Path(cache_root())
 
 
 def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:

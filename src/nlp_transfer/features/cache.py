@@ -66,9 +66,9 @@ MANIFEST = "manifest.json"
 CONFIG_KEY = "features.cache_dir"
 ENV_ROOT = "NLP_TRANSFER_FEATURE_CACHE"
 # the default of ``features.cache_dir``: ${paths.cache_dir}/features, where
-# paths.cache_dir is $NLP_TRANSFER_CACHE or <repository root>/.cache
+# paths.cache_dir is $NLP_TRANSFER_CACHE, else the user cache folder
 ENV_CACHE = "NLP_TRANSFER_CACHE"
-DEFAULT_ROOT = "$NLP_TRANSFER_CACHE/features or <repository root>/.cache/features"
+DEFAULT_ROOT = "$NLP_TRANSFER_CACHE/features, else ~/.cache/nlp_transfer/features"
 
 _TMP = ".tmp"
 _TRASH = ".trash"
@@ -80,7 +80,9 @@ _HEADER_BYTES = 256  # fixed .npy header size of appended arrays, rewritten on c
 _CHUNK = 1 << 22
 _FOREIGN_STALE_S = 7 * 24 * 3600.0
 
-Verify = Literal["size", "checksum"]
+Verify = Literal["once", "size", "checksum"]
+# entries whose checksums this process verified: (directory, (file, size, mtime_ns)...)
+_VERIFIED: set[tuple[str, tuple[tuple[str, int, int], ...]]] = set()
 
 
 class CacheNotWritableError(PermissionError):
@@ -494,6 +496,7 @@ def _open_entry(directory: Path, key: str, verify: Verify) -> Entry:
     if manifest.get("key") != key:
         raise CorruptEntryError(f"manifest is for key {manifest.get('key')!r}")
     arrays: dict[str, np.ndarray] = {}
+    stamp: list[tuple[str, int, int]] = []
     for name, rec in manifest["arrays"].items():
         try:
             path = directory / rec["file"]
@@ -506,6 +509,8 @@ def _open_entry(directory: Path, key: str, verify: Verify) -> Entry:
                 raise CorruptEntryError(
                     f"{rec['file']} has {size} bytes, manifest says {rec['file_size']}"
                 )
+            stat = path.stat()
+            stamp.append((str(rec["file"]), stat.st_size, stat.st_mtime_ns))
             if verify == "checksum" and rec.get("sha256"):
                 digest = _sha256_file(path)
                 if digest != rec["sha256"]:
@@ -521,7 +526,24 @@ def _open_entry(directory: Path, key: str, verify: Verify) -> Entry:
         except (KeyError, TypeError, ValueError, OSError) as err:
             raise CorruptEntryError(f"array {name!r}: {err!r}") from err
         arrays[name] = arr
+    if verify == "once":
+        _verify_once(directory, manifest, tuple(stamp))
     return Entry(key=key, path=directory, manifest=manifest, arrays=arrays)
+
+
+def _verify_once(
+    directory: Path, manifest: dict[str, Any], stamp: tuple[tuple[str, int, int], ...]
+) -> None:
+    """Check every recorded SHA-256 the first time this process opens the entry (and again
+    if a file's size or mtime changed since): bytes changed in place are caught at the
+    first read of each run, and later reads cost a ``stat`` only."""
+    memo = (str(directory), stamp)
+    if memo in _VERIFIED:
+        return
+    for rec in manifest["arrays"].values():
+        if rec.get("sha256") and _sha256_file(directory / rec["file"]) != rec["sha256"]:
+            raise CorruptEntryError(f"{rec['file']}: sha256 mismatch (same size, other bytes)")
+    _VERIFIED.add(memo)
 
 
 @dataclass(frozen=True)
@@ -545,18 +567,16 @@ class EntryInfo:
 def default_root() -> Path:
     """The root runs use by default (``features.cache_dir`` = ``${paths.cache_dir}/features``).
 
-    ``$NLP_TRANSFER_FEATURE_CACHE`` if set, else ``$NLP_TRANSFER_CACHE/features``, else
-    ``<repository root>/.cache/features`` (``$NLP_TRANSFER_ROOT`` moves the root).
+    ``$NLP_TRANSFER_FEATURE_CACHE`` if set, else ``<cache root>/features``: the cache root
+    is ``$NLP_TRANSFER_CACHE``, else ``$XDG_CACHE_HOME/nlp_transfer``, else
+    ``~/.cache/nlp_transfer`` (:func:`nlp_transfer.utils.resolvers.cache_root`).
     """
     explicit = os.environ.get(ENV_ROOT)
     if explicit:
         return Path(explicit).expanduser()
-    cache = os.environ.get(ENV_CACHE)
-    if cache:
-        return Path(cache).expanduser() / "features"
-    from nlp_transfer.utils.resolvers import project_root
+    from nlp_transfer.utils.resolvers import cache_root
 
-    return Path(project_root()) / ".cache" / "features"
+    return Path(cache_root()) / "features"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -588,8 +608,9 @@ class FeatureCache:
     Args:
         root: cache directory (created on first write); config key ``features.cache_dir``.
         checksum: record each array's SHA-256 in the manifest when writing.
-        verify: ``"size"`` (default, cheap: files, sizes, shapes, dtypes) or
-            ``"checksum"`` (also re-hash every array on each read).
+        verify: ``"once"`` (default: files, sizes, shapes, dtypes on every read, and the
+            recorded SHA-256 on the first read of an entry in this process), ``"size"``
+            (no hashing) or ``"checksum"`` (re-hash every array on each read).
         lock: serialise writers of one key with an advisory file lock (POSIX).
         durable: fsync arrays, manifest and directories before publishing an entry.
     """
@@ -599,12 +620,12 @@ class FeatureCache:
         root: str | Path,
         *,
         checksum: bool = True,
-        verify: Verify = "size",
+        verify: Verify = "once",
         lock: bool = True,
         durable: bool = True,
     ) -> None:
-        if verify not in ("size", "checksum"):
-            raise ValueError(f"verify must be 'size' or 'checksum', got {verify!r}")
+        if verify not in ("once", "size", "checksum"):
+            raise ValueError(f"verify must be 'once', 'size' or 'checksum', got {verify!r}")
         self.root = Path(root).expanduser().absolute()
         self.checksum = checksum
         self.verify: Verify = verify

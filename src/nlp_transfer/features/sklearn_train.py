@@ -50,7 +50,7 @@ from nlp_transfer.metrics.entity import EntityF1
 from nlp_transfer.training.hardware import apply_hardware_settings, metrics_record
 from nlp_transfer.training.predictions import Predictions, write_predictions
 from nlp_transfer.utils.config_tree import print_config_tree
-from nlp_transfer.utils.io import OutputExistsError, atomic_write_json
+from nlp_transfer.utils.io import OutputExistsError, atomic_write_json, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -256,19 +256,17 @@ def train_sklearn(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if cfg.get("save_predictions", True):
             write_predictions(out_dir, stage, split_predictions(predicted, data, labels, task))
     model_path = out_dir / MODEL_FILE
-    joblib.dump(
-        {
-            "estimator": estimator,
-            "labels": labels,
-            "task": task,
-            "layers": layers,
-            "layer_combine": combine,
-            "features": {"level": spec.level, "pooling": spec.pooling, "dtype": spec.dtype},
-            "encoder": encoder.identity(),
-            "config": plain_config(cfg),
-        },
-        model_path,
-    )
+    fitted_model = {
+        "estimator": estimator,
+        "labels": labels,
+        "task": task,
+        "layers": layers,
+        "layer_combine": combine,
+        "features": {"level": spec.level, "pooling": spec.pooling, "dtype": spec.dtype},
+        "encoder": encoder.identity(),
+        "config": plain_config(cfg),
+    }
+    write_atomically(model_path, lambda tmp: joblib.dump(fitted_model, tmp))
     encoder_params = sum(p.numel() for p in encoder.parameters())
     fitted = fitted_parameter_count(estimator)
     metrics.update(

@@ -329,6 +329,16 @@ def _continues_a_run(cfg: DictConfig) -> bool:
     return bool(cfg.get("ckpt_path")) or cfg.get("resume") not in (None, False, "")
 
 
+def _archives(cfg: DictConfig, settings: SweepSettings) -> bool:
+    """A multirun job archives an earlier attempt; a single run refuses the folder instead
+    (train: "continue it with resume=auto"), and resume/ckpt_path keep it."""
+    return (
+        settings.on_previous_attempt == "archive"
+        and hydra_mode() == "MULTIRUN"
+        and not _continues_a_run(cfg)
+    )
+
+
 def archive_previous_attempt(out_dir: Path) -> Path:
     """Move an earlier attempt's files (all but ``.hydra``, logs and the job record) into
     ``attempts/<n>/`` and return that folder."""
@@ -461,12 +471,12 @@ def run_job(cfg: DictConfig, train_fn: Callable[[DictConfig], Mapping[str, Any]]
     if rank == 0:
         if previous_attempt(out_dir):
             _check_same_job(out_dir, overrides)
-            if settings.on_previous_attempt == "archive" and not _continues_a_run(cfg):
+            if _archives(cfg, settings):
                 moved = archive_previous_attempt(out_dir)
                 log.info("%s: an earlier attempt did not complete; moved to %s", out_dir, moved)
         out_dir.mkdir(parents=True, exist_ok=True)
         _record_job(out_dir, overrides)
-    elif settings.on_previous_attempt == "archive" and not _continues_a_run(cfg):
+    elif _archives(cfg, settings):
         _wait_for_archive(out_dir)
     keep_going = keeps_going(cfg)
     try:

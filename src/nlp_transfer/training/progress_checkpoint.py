@@ -16,8 +16,10 @@ newest file. A kill loses at most ``every_n_train_steps`` steps.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
 from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -55,6 +57,15 @@ class ProgressCheckpoint(ModelCheckpoint):
             every_n_train_steps=int(every_n_train_steps),
             save_on_train_epoch_end=False,
         )
+
+    def _should_remove_checkpoint(self, trainer: Trainer, previous: str, current: str) -> bool:
+        """Lightning never deletes the checkpoint a run resumed from; a snapshot of this
+        folder is replaced like any other once newer ones exist, so ``keep`` holds after a
+        resume (the resumed state is loaded already)."""
+        if previous == current or not _is_local_file_protocol(previous):
+            return super()._should_remove_checkpoint(trainer, previous, current)
+        assert self.dirpath is not None
+        return Path(self.dirpath).absolute() in Path(previous).absolute().parents
 
     def on_train_batch_end(
         self,

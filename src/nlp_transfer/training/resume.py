@@ -23,13 +23,16 @@ import secrets
 import signal
 import string
 import subprocess
+import sys
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.experimental.callback import Callback as HydraCallback
 from lightning_fabric.plugins.environments import SLURMEnvironment
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
@@ -75,6 +78,99 @@ def existing_results(out_dir: Path) -> list[str]:
                 found.append(marker)
                 break
     return found
+
+
+def output_dir_refusal(out_dir: Path, resuming: bool) -> str | None:
+    """Why a run may not write into ``out_dir`` (None: it may): a new run never writes over
+    another run's results, and a completed run is never resumed."""
+    if not resuming:
+        existing = existing_results(out_dir)
+        if not existing:
+            return None
+        hint = (
+            ""
+            if "metrics.json" in existing
+            else f", or continue that interrupted run: resume=auto hydra.run.dir={out_dir}"
+        )
+        return (
+            f"{out_dir} already holds {existing} of another run; nothing was overwritten. "
+            f"Use a new hydra.run.dir{hint}"
+        )
+    if (out_dir / "metrics.json").exists():
+        return (
+            f"{out_dir} holds a completed run (metrics.json); nothing was overwritten or "
+            "resumed. To train it further start a new run from its checkpoint: "
+            f"ckpt_path={out_dir / 'checkpoints' / 'last.ckpt'}"
+        )
+    return None
+
+
+class RunFolderRefused(SystemExit):
+    """Stops a run before Hydra writes anything (a Hydra callback cannot raise: Hydra turns
+    exceptions from callbacks into warnings)."""
+
+
+class RunFolderGuard(HydraCallback):
+    """Hydra callback: refuse a single run into a folder it may not write, *before* Hydra
+    saves ``.hydra/config.yaml``/``hydra.yaml`` and opens the log file there.
+
+    ``on_run_start`` runs before ``hydra.core.utils.run_job`` writes the run's files
+    (``on_job_start`` runs after), so the folder of a completed or interrupted run stays as
+    it was. Decisions match the task's own checks (train: :func:`output_dir_refusal` and the
+    sweep job record; eval/predict/export: a folder holding another run's results); a
+    completed run relaunched with the same overrides is skipped (exit 0), as before.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            out = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()
+            skipped, reason = run_folder_decision(config, out)
+        except Exception as e:  # the task checks again; never block on an evaluation error
+            log.debug("run folder check skipped: %s", e)
+            return
+        if skipped:
+            print(f"{out}: skipped (already completed with these overrides)", file=sys.stderr)
+            raise RunFolderRefused(0)
+        if reason:
+            raise RunFolderRefused(f"Error: {reason}")
+
+
+def run_folder_decision(config: DictConfig, out: Path) -> tuple[bool, str | None]:
+    """``(skip, refusal)`` for a single run whose Hydra folder is ``out``."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return False, None
+    if "resume" not in config:  # eval / predict / export: their own folder, never a run's
+        existing = existing_results(out)
+        if not existing:
+            return False, None
+        return False, (
+            f"{out} holds {existing} of another run; nothing was written there. Use a new "
+            "hydra.run.dir"
+        )
+    from nlp_transfer.sweeps.job import _job_identity, _read_record
+    from nlp_transfer.sweeps.resume import completed_metrics
+
+    if OmegaConf.select(config, "sweep.skip_completed", default=True) and (
+        completed_metrics(out) is not None
+    ):
+        record = _read_record(out) or {}
+        before = record.get("overrides")
+        now = list(OmegaConf.select(config, "hydra.overrides.task", default=[]) or [])
+        if not isinstance(before, list) or _job_identity(before) == _job_identity(now):
+            return True, None
+        return False, (
+            f"{out} holds a completed run with overrides {_job_identity(before)}, but this "
+            f"launch gave {_job_identity(now)}; nothing was overwritten. Use a new "
+            "hydra.run.dir, or start from its checkpoint: "
+            f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}"
+        )
+    resume, ckpt = config.get("resume"), config.get("ckpt_path")
+    if resume not in (None, False, ""):
+        continuing = resume is True or str(resume) == AUTO
+        continuing = continuing or Path(str(resume)).expanduser().resolve() == out.resolve()
+        return False, output_dir_refusal(out, resuming=continuing)
+    own = bool(ckpt) and Path(str(ckpt)).resolve().is_relative_to(out.resolve())
+    return False, output_dir_refusal(out, resuming=own)
 
 
 def checkpoint_candidates(run_dir: Path) -> list[Path]:

@@ -17,6 +17,18 @@ def project_root() -> str:
     return os.environ.get("NLP_TRANSFER_ROOT", str(PROJECT_ROOT))
 
 
+def cache_root() -> str:
+    """Where tokenization and feature caches go (``paths.cache_dir``): ``NLP_TRANSFER_CACHE``,
+    else ``$XDG_CACHE_HOME/nlp_transfer``, else ``~/.cache/nlp_transfer`` (outside the
+    repository, shared by every checkout of the project)."""
+    explicit = os.environ.get("NLP_TRANSFER_CACHE")
+    if explicit:
+        return str(Path(explicit).expanduser())
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return str(base / "nlp_transfer")
+
+
 def minilm_dir() -> str:
     from nlp_transfer.encoders.transformer import packaged_minilm_dir
 
@@ -36,6 +48,7 @@ def wandb_offline() -> bool:
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("project_root", project_root, replace=True)
     OmegaConf.register_new_resolver("minilm_dir", minilm_dir, replace=True)
+    OmegaConf.register_new_resolver("cache_root", cache_root, replace=True)
     OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
     # cached: the output dir must resolve to the same value every time it is read
     OmegaConf.register_new_resolver(
