@@ -103,7 +103,8 @@ SlurmUser=$user
 SlurmdUser=$user
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$DIR/munge/munge.socket
+# cred_expire: also how long a requeued job waits before it may start again (default 120 s)
+AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=10
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid
@@ -122,6 +123,8 @@ SwitchType=switch/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+# look at pending jobs every 2 s (default 60 s), e.g. a requeued job once its BeginTime passed
+SchedulerParameters=sched_interval=2,bf_interval=5
 ReturnToService=2
 # a requeued or cancelled job is killed 5 s after its SIGTERM (default 30 s)
 KillWait=5
