@@ -47,7 +47,7 @@ missing_packages() {
     for cmd in "${!PKG_OF[@]}"; do
         [ -n "$(find_cmd "$cmd")" ] || missing+=("${PKG_OF[$cmd]}")
     done
-    [ ${#missing[@]} -eq 0 ] || printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' '
+    [ ${#missing[@]} -eq 0 ] || printf '%s\n' "${missing[@]}" | sort -u | paste -sd ' '
 }
 
 install_packages() {
@@ -189,8 +189,8 @@ wait_ready() {
 }
 
 cmd_up() {
-    require_packages
     check_own_dir
+    require_packages
     mkdir -p "$DIR"/{state,spool,log,run}
     export SLURM_CONF="$CONF"
     local changed=0
