@@ -96,7 +96,8 @@ write_conf() {
 $MARK
 # (a private single-node cluster; SLURM_CONF=$CONF)
 ClusterName=nlp_transfer_local
-SlurmctldHost=$host
+# 127.0.0.1: the node needs no resolvable host name (containers, CI)
+SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$PORT_CTLD
 SlurmdPort=$PORT_D
 SlurmUser=$user
@@ -130,7 +131,7 @@ ReturnToService=2
 KillWait=5
 MinJobAge=300
 JobRequeue=1
-NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
     if [ -f "$CONF" ] && cmp -s "$tmp" "$CONF"; then
