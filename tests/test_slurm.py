@@ -217,29 +217,27 @@ def test_failed_task_is_recorded_and_relaunch_skips_finished(tmp_path: Path) -> 
     cmd = _command(
         *SMALL,
         "test=false",
-        "optimizer.lr=1e-3,nan,1e-4",
+        "optimizer.lr=1e-3,nan",
         f"paths.log_dir={tmp_path}",
         f"hydra.sweep.dir={sweep}",
     )
     _run(cmd)  # the exit status of a sweep with a failed job is the aggregation's business
     rows = _results(sweep)
-    assert [r["status"] for r in rows] == ["completed", "failed", "completed"]
+    assert [r["status"] for r in rows] == ["completed", "failed"]
     assert "Invalid learning rate: nan" in _read(sweep / "1" / "status.json")["error"]
     first_array = {r["slurm_job_id"].split("_")[0] for r in rows if r["slurm_job_id"]}
-    kept = {n: (sweep / n / "metrics.json").read_bytes() for n in ("0", "2")}
-    mtimes = {n: (sweep / n / "metrics.json").stat().st_mtime_ns for n in ("0", "2")}
+    done = sweep / "0" / "metrics.json"
+    kept, mtime = done.read_bytes(), done.stat().st_mtime_ns
 
     _run(cmd)
     logs = _task_logs(sweep)
-    for n in ("0", "2"):
-        assert f"{sweep / n}: skipped (already completed)" in logs
-        assert (sweep / n / "metrics.json").read_bytes() == kept[n]
-        assert (sweep / n / "metrics.json").stat().st_mtime_ns == mtimes[n]
+    assert f"{sweep / '0'}: skipped (already completed)" in logs
+    assert done.read_bytes() == kept and done.stat().st_mtime_ns == mtime
     # the failed task ran again (and failed again); its first attempt was kept aside
     assert (sweep / "1" / "attempts" / "1" / "status.json").is_file()
     rerun = _read(sweep / "1" / "status.json")
     assert rerun["status"] == "failed"
-    assert [r["status"] for r in _results(sweep)] == ["completed", "failed", "completed"]
+    assert [r["status"] for r in _results(sweep)] == ["completed", "failed"]
     arrays = {m.group(1) for p in sweep.glob(".submitit/*") if (m := TASK_RE.match(p.name))}
     assert len(arrays - first_array) == 1  # the relaunch: one new array
 
