@@ -43,7 +43,7 @@ test-full: install  ## every test, including slow ones (real MiniLM, real data, 
 	$(PY) -m pytest -q -m "not slurm" $(PYTEST_ARGS)
 
 # SLURM_LOCAL_ARGS=--install: apt-get the packages first (CI)
-test-slurm: install  ## SLURM tests on a local single-node cluster (scripts/slurm_local.sh; ~5 min)
+test-slurm: install  ## SLURM tests on a local single-node cluster (scripts/slurm_local.sh; 5-15 min)
 	scripts/slurm_local.sh $(SLURM_LOCAL_ARGS) up
 	SLURM_CONF=$$(scripts/slurm_local.sh env | sed 's/^export SLURM_CONF=//') \
 		$(PY) -m pytest -q -m slurm -s --durations=0 tests/test_slurm.py $(PYTEST_ARGS)
