@@ -224,7 +224,8 @@ def test_failed_task_is_recorded_and_relaunch_skips_finished(tmp_path: Path) -> 
     _run(cmd)  # the exit status of a sweep with a failed job is the aggregation's business
     rows = _results(sweep)
     assert [r["status"] for r in rows] == ["completed", "failed"]
-    assert "Invalid learning rate: nan" in _read(sweep / "1" / "status.json")["error"]
+    error = _read(sweep / "1" / "status.json")["error"]
+    assert "nan" in error and ("optimizer.lr" in error or "learning rate" in error), error
     first_array = {r["slurm_job_id"].split("_")[0] for r in rows if r["slurm_job_id"]}
     done = sweep / "0" / "metrics.json"
     kept, mtime = done.read_bytes(), done.stat().st_mtime_ns
