@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: bench bench-speed gpu-check help install train eval predict export test test-full lint format clean clean-logs clean-cache demo-data
+.PHONY: bench bench-speed gpu-check help install train eval predict export test test-full test-slurm lint format clean clean-logs clean-cache demo-data
 
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -40,7 +40,13 @@ test: install  ## fast tests (under ~10 minutes on 2 CPU cores)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-full: install  ## every test, including slow ones (real MiniLM, real data, DDP)
-	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slurm" $(PYTEST_ARGS)
+
+# SLURM_LOCAL_ARGS=--install: apt-get the packages first (CI)
+test-slurm: install  ## SLURM tests on a local single-node cluster (scripts/slurm_local.sh; 5-15 min)
+	scripts/slurm_local.sh $(SLURM_LOCAL_ARGS) up
+	SLURM_CONF=$$(scripts/slurm_local.sh env | sed 's/^export SLURM_CONF=//') \
+		$(PY) -m pytest -q -m slurm -s --durations=0 tests/test_slurm.py $(PYTEST_ARGS)
 
 bench: install  ## HF Trainer vs template: CoNLL-2003 full, SST-2, frozen (~20 min on 2 CPU cores)
 	$(PY) benchmarks/hf_vs_template.py --task conll2003 --max-train 14041 --omp-wait-policy default \

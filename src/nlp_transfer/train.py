@@ -60,6 +60,7 @@ from nlp_transfer.training.resume import (
     find_resume_checkpoint,
     output_dir_refusal,
     remove_stale_temp_files,
+    slurm_fields,
     wandb_run_id,
 )
 from nlp_transfer.utils.config_tree import print_config_tree
@@ -314,6 +315,7 @@ def fit_and_score(
 
 
 def write_metrics(metrics: dict[str, Any], trainer: Trainer, out_dir: Path) -> None:
+    metrics.update(slurm_fields())  # the SLURM job (array task) id, inside a SLURM job
     if trainer.is_global_zero:
         atomic_write_json(out_dir / "metrics.json", metrics)
         _print_summary(metrics, out_dir)

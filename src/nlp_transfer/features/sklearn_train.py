@@ -49,6 +49,7 @@ from nlp_transfer.metrics.classification import PerClassReport, classification_m
 from nlp_transfer.metrics.entity import EntityF1
 from nlp_transfer.training.hardware import apply_hardware_settings, metrics_record
 from nlp_transfer.training.predictions import Predictions, write_predictions
+from nlp_transfer.training.resume import slurm_fields
 from nlp_transfer.utils.config_tree import print_config_tree
 from nlp_transfer.utils.io import OutputExistsError, atomic_write_json, write_atomically
 
@@ -289,6 +290,7 @@ def train_sklearn(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "feature_precision": spec.precision,  # the encoder pass's (autocast) precision
         }
     )
+    metrics.update(slurm_fields())  # the SLURM job (array task) id, inside a SLURM job
     atomic_write_json(out_dir / "metrics.json", metrics)
     shown = {
         k: v

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +94,17 @@ class AggregateOnMultirunEnd(Callback):
             df.attrs.get("summary_markdown", ""),
         )
         return True
+
+
+class SlurmAccountingCheck(Callback):
+    """Under ``hydra/launcher=slurm_*``, let submitit poll job states with ``squeue`` where
+    the cluster keeps no accounting, instead of failing ``sacct`` calls that flood the log
+    (:mod:`nlp_transfer.sweeps.slurm`); does nothing under other launchers."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Install the watcher in this (the submitting) process."""
+        target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+        if "submitit" in target and target.endswith("SlurmLauncher"):
+            from nlp_transfer.sweeps.slurm import install_squeue_fallback
+
+            install_squeue_fallback()

@@ -267,6 +267,16 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
+def slurm_fields() -> dict[str, str]:
+    """``{"slurm_job_id": ...}`` for a run's ``metrics.json`` inside a SLURM job, else ``{}``.
+
+    The id is :func:`slurm_job_id`'s (``<array job>_<task>`` for an array task), which a
+    requeued or resubmitted job keeps, so it finds the job's logs and accounting records.
+    """
+    job = slurm_job_id()
+    return {"slurm_job_id": job} if job else {}
+
+
 class SlurmRequeue(Callback):
     """On SLURM's warning signal, checkpoint at the next batch boundary and requeue the job.
 
