@@ -282,9 +282,13 @@ def test_cli(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_callback_never_raises(
     sweep: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cb = AggregateOnMultirunEnd()
-    cb.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
-    assert (sweep / RESULTS_CSV).is_file()
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    with pytest.raises(SystemExit) as exit_info:  # the sweep has a failed job: exit status 1
+        AggregateOnMultirunEnd().on_multirun_end(config)
+    assert exit_info.value.code == 1 and (sweep / RESULTS_CSV).is_file()
+    assert caplog.records[-1].getMessage().startswith("multirun: 1 of 8 jobs failed")
+    cb = AggregateOnMultirunEnd(exit_on_failed_jobs=False)
+    cb.on_multirun_end(config)
     cb.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "none")}}}))
     cb.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": "${oc.env:NO_SUCH_VAR_X}"}}}))
     assert "aggregate: failed" in caplog.text

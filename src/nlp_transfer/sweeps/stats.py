@@ -18,6 +18,7 @@ Used by :func:`nlp_transfer.sweeps.aggregate.aggregate` (so by the multirun call
   groups' outputs are swapped at random in every seed pair; p two-sided) with a paired
   bootstrap CI of the difference; and, with >= 3 replicates in both groups, a permutation test
   over the replicates' scores (``scipy.stats.permutation_test``). Holm–Bonferroni per family.
+  The decision is the example test's where predictions exist, else the seed test's.
 - **Budget.** Expected maximum validation score over ``n`` trials (Dodge et al. 2019/2021).
 
 Every random draw comes from a generator seeded by the group names, so re-running gives
@@ -545,10 +546,19 @@ def compare(
             for r, p in zip(family_rows, adjusted):
                 r[col + "_holm"] = p
         for r in family_rows:
-            tests = [r[c] for c in ("p_examples_holm", "p_seeds_holm") if not math.isnan(r[c])]
-            if not tests:
+            # the paired example test decides where predictions exist (with 3 seeds a group,
+            # an exact permutation test over seeds cannot go below p = 0.1); else the seeds
+            p = r["p_examples_holm"] if not math.isnan(r["p_examples_holm"]) else r["p_seeds_holm"]
+            r["decided_by"] = (
+                "examples"
+                if not math.isnan(r["p_examples_holm"])
+                else "seeds"
+                if not math.isnan(p)
+                else ""
+            )
+            if math.isnan(p):
                 r["decision"] = "not testable"
-            elif all(p < ALPHA for p in tests):
+            elif p < ALPHA:
                 better = (r["diff_seeds"] < 0) == lower_is_better
                 r["decision"] = "better" if better else "worse"
             else:
