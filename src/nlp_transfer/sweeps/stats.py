@@ -122,17 +122,15 @@ def example_statistics(preds: Any, kind: str) -> tuple[np.ndarray, np.ndarray, S
     return index, counts.astype(np.float64), fn
 
 
-def chance_score(preds: Any, kind: str) -> float:
+def chance_score(preds: Any, kind: str, stats: np.ndarray | None = None) -> float:
     """The score of the best constant prediction on this split's gold labels: the majority
-    class (classification) or all-``O`` (sequence labeling)."""
+    class (classification) or all-``O`` (sequence labeling: no entity predicted, so the
+    counts are ``(0, 0, gold entities)``; ``stats`` are the run's per-sentence counts)."""
     if preds.task == "sequence_labeling":
-        outside = [i for i, t in enumerate(preds.labels) if t == "O" or t.startswith("O")]
-        constant = np.full_like(preds.gold, outside[0] if outside else 0)
-        const = type(preds)(
-            preds.task, preds.labels, preds.index, preds.gold, constant, preds.offsets
-        )
-        _, stats, fn = example_statistics(const, kind)
-        return float(fn(stats.sum(0)))
+        if stats is None:
+            stats = example_statistics(preds, kind)[1]
+        fn = {"f1": _entity_f1, "precision": _entity_precision, "recall": _entity_recall}[kind]
+        return float(fn(np.array([0.0, 0.0, stats[:, 2].sum()])))
     best = -math.inf
     for c in np.unique(preds.gold):
         const = type(preds)(
@@ -192,7 +190,7 @@ def load_run(
         if kind is not None:
             run.splits[split] = example_statistics(p, kind)
             if split == "val" and primary.startswith("val/") and not lower_is_better:
-                run.chance = chance_score(p, kind)
+                run.chance = chance_score(p, kind, run.splits[split][1])
     if not math.isfinite(score):
         run.failed = DIVERGED
     elif run.chance is not None and score <= run.chance + _EPS:
