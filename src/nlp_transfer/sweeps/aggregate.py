@@ -804,10 +804,8 @@ def sweep_statistics(
             else (run.failed or "")
         )
     results["failed_reason"] = reasons
-    for r in (r for rs in groups.values() for r in rs):
-        results.loc[results["job_dir"] == r.job_dir, "chance_score"] = (
-            r.chance if r.chance is not None else math.nan
-        )
+    chance = {r.job_dir: r.chance for rs in groups.values() for r in rs if r.chance is not None}
+    results["chance_score"] = [chance.get(d, math.nan) for d in results["job_dir"]]
     job_failures = {g: (c[0], c[1]) for g, c in failures.items()}
     stats = st.analyse_groups(groups, labels, job_failures, lower, n_resamples)
     base = _parse_baseline(baseline, axes)
