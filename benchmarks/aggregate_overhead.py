@@ -5,7 +5,8 @@
 Builds synthetic job dirs (10 groups × 10 seeds) with per-example predictions of realistic
 size (SST-2 validation: 872 examples, 1,821 test; CoNLL-2003: 3,250 validation and 3,453 test
 sentences), then times ``aggregate`` with the statistics and the predictions-free baseline
-(the same jobs without predictions files), and prints the numbers.
+(the same jobs without predictions files), and prints the numbers. The package's torch /
+torchmetrics imports are done before timing, as a multirun's process has them loaded.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+import nlp_transfer.metrics.entity  # noqa: F401  (imported by training already: not timed)
 from nlp_transfer.sweeps.aggregate import aggregate
 from nlp_transfer.training.predictions import Predictions, write_predictions
 

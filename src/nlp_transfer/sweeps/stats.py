@@ -115,9 +115,17 @@ def example_statistics(preds: Any, kind: str) -> tuple[np.ndarray, np.ndarray, S
         g, p = gold[:, None] == classes, pred[:, None] == classes
         stats = np.stack([g & p, p & ~g, g & ~p], axis=2).reshape(len(gold), -1)
         return index, stats.astype(np.float64), _macro_f1
+    import torch
+
     from nlp_transfer.metrics.entity import sentence_counts
 
-    counts = sentence_counts(preds.labels, preds.gold, preds.pred, preds.offsets)[order]
+    # small tensor ops: torch's intra-op threads cost far more than they save (20x here)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        counts = sentence_counts(preds.labels, preds.gold, preds.pred, preds.offsets)[order]
+    finally:
+        torch.set_num_threads(threads)
     fn = {"f1": _entity_f1, "precision": _entity_precision, "recall": _entity_recall}[kind]
     return index, counts.astype(np.float64), fn
 
