@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -17,8 +18,10 @@ from omegaconf import OmegaConf
 
 from nlp_transfer.aggregate import main as cli_main
 from nlp_transfer.sweeps.aggregate import (
+    COMPARISONS_CSV,
     PER_CLASS_CSV,
     RESULTS_CSV,
+    SUMMARY_FULL_MD,
     SUMMARY_MD,
     SUMMARY_PNG,
     NoJobsError,
@@ -29,7 +32,7 @@ from nlp_transfer.sweeps.callbacks import AggregateOnMultirunEnd
 from nlp_transfer.sweeps.resume import completed_metrics, job_completed
 from nlp_transfer.utils.resolvers import PROJECT_ROOT
 
-OUTPUTS = (RESULTS_CSV, PER_CLASS_CSV, SUMMARY_MD, SUMMARY_PNG)
+OUTPUTS = (RESULTS_CSV, PER_CLASS_CSV, SUMMARY_MD, SUMMARY_FULL_MD, COMPARISONS_CSV, SUMMARY_PNG)
 CONFIG = {"seed": 0, "monitor": "val/f1_macro", "monitor_mode": "max"}
 CONFIG["optimized_metric"] = "${monitor}"
 
@@ -155,6 +158,16 @@ def test_rows_groups_and_stats(sweep: Path) -> None:
     md = (sweep / SUMMARY_MD).read_text()
     assert "`val/f1_macro` (higher is better)" in md
     assert "7 completed, 1 failed" in md
+    # the compact headline: no predictions here, so seed-bootstrap CIs (n=2: the range)
+    assert (
+        "| optimizer.lr | strategy | n | failed | val/f1_macro (95% CI: seeds bootstrap; "
+        "non-failed runs) | test/f1_macro (95% CI: seeds bootstrap) | vs best | wall s |"
+    ) in md
+    assert "| 0.001 | full | 2 | 0 | 0.8200 (n=2: range 0.8000–0.8400) |" in md
+    assert "| 0.0001 | frozen | 1 | 1 | 0.5000 (n=1: no CI) |" in md
+    assert md.index("| 0.001 | full |") < md.index("| 0.001 | frozen |")
+    assert "- swept axes: `optimizer.lr` ∈ {0.0001, 0.001}; `strategy` ∈ {frozen, full}" in md
+    md = (sweep / SUMMARY_FULL_MD).read_text()  # every metric, mean ± std, the failed jobs
     assert "| optimizer.lr | strategy | n | failed | val/f1_macro |" in md
     assert "| 0.001 | full | 2 | 0 | 0.8200 ± 0.0283 |" in md
     assert "| 0.0001 | frozen | 1 | 1 | 0.5000 |" in md
@@ -262,16 +275,20 @@ def test_cli(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "available: val/loss" in capsys.readouterr().err
     assert cli_main([str(sweep), "--metric", "test/f1_macro", "--no-plot"]) == 0
     out = capsys.readouterr().out
-    assert "| optimizer.lr | strategy | n | failed | test/f1_macro |" in out
+    assert "| optimizer.lr | strategy | n | failed | test/f1_macro (95% CI: seeds" in out
     assert "Primary metric: `test/f1_macro`" in out
 
 
 def test_callback_never_raises(
     sweep: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cb = AggregateOnMultirunEnd()
-    cb.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
-    assert (sweep / RESULTS_CSV).is_file()
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    with pytest.raises(SystemExit) as exit_info:  # the sweep has a failed job: exit status 1
+        AggregateOnMultirunEnd().on_multirun_end(config)
+    assert exit_info.value.code == 1 and (sweep / RESULTS_CSV).is_file()
+    assert caplog.records[-1].getMessage().startswith("multirun: 1 of 8 jobs failed")
+    cb = AggregateOnMultirunEnd(exit_on_failed_jobs=False)
+    cb.on_multirun_end(config)
     cb.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "none")}}}))
     cb.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": "${oc.env:NO_SUCH_VAR_X}"}}}))
     assert "aggregate: failed" in caplog.text
@@ -339,3 +356,11 @@ def test_real_multirun(tmp_path: Path) -> None:
     assert [g["n"] for g in df.attrs["summary"]] == [2, 2]
     assert all(job_completed(sweep_dir / d) for d in df["job_dir"])
     assert df["trainable_params"].gt(0).all() and df["best_epoch"].notna().all()
+    # the statistics: a headline table with CIs, one comparison (vs the best), provenance
+    md = (sweep_dir / SUMMARY_MD).read_text()
+    assert "| optimizer.lr | n | failed | val/f1_macro (95% CI" in md
+    assert "- command: `python -m nlp_transfer.train -m " in md
+    assert "- git commit: not recorded" not in md
+    comps = pd.read_csv(sweep_dir / COMPARISONS_CSV)
+    assert len(comps) == 1 and comps.loc[0, "family"] == "vs best"
+    assert isinstance(df["epochs"].iloc[0], (int, np.integer))

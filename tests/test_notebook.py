@@ -57,6 +57,10 @@ def test_notebook_runs_on_a_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert rows[0][:3] == ["optimizer.lr=0.001,", "strategy=full", "2"]  # best group first
     assert "0.8200 ± 0.0283" in text
     assert "RuntimeError: CUDA out of memory" in text  # the failed job is listed
+    # the CI table and comparisons come from the same code as summary.md
+    headline = [line for line in (sweep / "summary.md").read_text().splitlines() if "|" in line]
+    assert headline and all(line in text for line in headline)
+    assert "not testable" in text
     images = [
         o
         for c in nb.cells

@@ -223,7 +223,10 @@ def test_failed_job_is_recorded_and_relaunch_skips_finished_jobs(tmp_path: Path)
     sweep = tmp_path / "sweep"
     args = ("trainer=cpu", "test=false", "optimizer.lr=1e-3,nan,1e-4", f"hydra.sweep.dir={sweep}")
     proc = _multirun(tmp_path, *args)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    # a sweep with a failed job exits 1 after aggregating, and its last line says so
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]  # the log (stderr: library notices)
+    assert "multirun: 1 of 3 jobs failed" in last, last
     assert _job_dirs(sweep) == ["0", "1", "2"]
     assert "job failed (ConfigError: optimizer.lr must be a number > 0, got nan)" in proc.stdout
     failed = json.loads((sweep / "1" / "status.json").read_text())
@@ -234,7 +237,7 @@ def test_failed_job_is_recorded_and_relaunch_skips_finished_jobs(tmp_path: Path)
     mtimes = {n: (sweep / n / "metrics.json").stat().st_mtime_ns for n in ("0", "2")}
 
     proc = _multirun(tmp_path, *args)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
     for n in ("0", "2"):
         assert f"{sweep / n}: skipped (already completed)" in proc.stdout
         assert (sweep / n / "metrics.json").read_bytes() == before[n]

@@ -65,6 +65,7 @@ from nlp_transfer.training.resume import (
 )
 from nlp_transfer.utils.config_tree import print_config_tree
 from nlp_transfer.utils.io import OutputExistsError, atomic_write_json
+from nlp_transfer.utils.provenance import git_commit
 from nlp_transfer.utils.resolvers import CONFIG_DIR
 from nlp_transfer.validation import validate_train_config
 
@@ -308,6 +309,7 @@ def fit_and_score(
             "task": task,
             "strategy": module.strategy.name,
             **metrics_record(cfg),  # precision, hardware kind, speed mechanisms
+            "git_commit": git_commit(),
         }
     )
     _finish_loggers(loggers)

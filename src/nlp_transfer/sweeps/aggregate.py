@@ -32,7 +32,10 @@ from typing import IO, Any
 
 import pandas as pd
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from nlp_transfer.sweeps import stats as st
+from nlp_transfer.sweeps.stats import REPLICATE_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +316,24 @@ def build_tables(jobs: list[Job]) -> tuple[pd.DataFrame, pd.DataFrame]:
     wide = dict(base)
     for key in per_class:
         wide[key] = [j.metrics.get(key) for j in jobs]
-    return pd.DataFrame(results), pd.DataFrame(wide) if per_class else pd.DataFrame()
+    return _frame(results), _frame(wide) if per_class else pd.DataFrame()
+
+
+def _frame(columns: dict[str, Any]) -> pd.DataFrame:
+    """A DataFrame whose all-integer columns (missing values allowed) are nullable Int64, so
+    that a failed job's gap does not turn ``epochs`` into ``2.0`` in results.csv."""
+    out = {}
+    for name, values in columns.items():
+        present = [v for v in values if v is not None]
+        if (
+            isinstance(values, list)
+            and present
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in present)
+        ):
+            out[name] = pd.array(values, dtype="Int64")
+        else:
+            out[name] = values
+    return pd.DataFrame(out)
 
 
 def swept_axes(results: pd.DataFrame) -> list[str]:
@@ -323,7 +343,7 @@ def swept_axes(results: pd.DataFrame) -> list[str]:
         if not col.startswith(OVERRIDE_PREFIX):
             continue
         key = col[len(OVERRIDE_PREFIX) :]
-        if key == SEED_KEY:
+        if key in REPLICATE_KEYS:  # seeds and k-fold folds are replicates, not groups
             continue
         if results[col].fillna(UNSET).astype(str).nunique() > 1:
             axes.append(key)
@@ -579,16 +599,39 @@ def _configured_metric(jobs: list[Job], sweep_dir: Path) -> tuple[list[Any], Any
     return [], None, None
 
 
-def aggregate(
-    sweep_dir: str | Path, primary_metric: str | None = None, plot: bool = True
-) -> pd.DataFrame:
-    """Aggregate the jobs below ``sweep_dir``; write results.csv, summary.md and summary.png.
+def _configured_aggregate(jobs: list[Job], sweep_dir: Path, key: str) -> Any:
+    """``aggregate.<key>`` from the first job's config (set on the sweep's command line)."""
+    for job in jobs:
+        value = _select(_load_config(sweep_dir / job.job_dir), f"aggregate.{key}")
+        if value is not None:
+            return (
+                OmegaConf.to_container(value)
+                if isinstance(value, DictConfig | ListConfig)
+                else value
+            )
+    return None
 
-    Returns the per-job results. ``df.attrs`` holds ``primary_metric``, ``axes``,
-    ``lower_is_better``, ``summary`` (the group table as records) and ``summary_markdown``.
-    Raises ``FileNotFoundError`` when ``sweep_dir`` is not a folder, :class:`NoJobsError`
-    when no job dir is below it, and :class:`UnknownMetricError` for a ``primary_metric`` that
-    no job reports.
+
+def aggregate(
+    sweep_dir: str | Path,
+    primary_metric: str | None = None,
+    plot: bool = True,
+    baseline: str | None = None,
+    budget_by: Sequence[str] | None = None,
+    n_resamples: int | None = None,
+) -> pd.DataFrame:
+    """Aggregate the jobs below ``sweep_dir``; write results.csv, summary.md (headline table
+    with CIs, "≈ best" marks, reproducibility), summary_full.md (every metric),
+    comparisons.csv, budget.csv and the plots (summary.png, budget.png).
+
+    ``baseline`` (e.g. ``"strategy=full"``), ``budget_by`` (axes of the budget-curve groups)
+    and ``n_resamples`` default to the jobs' ``aggregate.*`` config. Returns the per-job
+    results. ``df.attrs`` holds ``primary_metric``, ``axes``, ``lower_is_better``, ``summary``
+    (the group table as records), ``summary_markdown``, ``comparisons`` and ``statistics``
+    (:class:`SweepStats`). Raises ``FileNotFoundError`` when ``sweep_dir`` is not a folder,
+    :class:`NoJobsError` when no job dir is below it, :class:`UnknownMetricError` for a
+    ``primary_metric`` that no job reports, and ``ValueError`` for a baseline or budget axis
+    that is not swept.
     """
     root = Path(sweep_dir)
     if not root.is_dir():
@@ -612,8 +655,17 @@ def aggregate(
     lower = _lower_is_better(primary, mode, configured_name)
     axes = swept_axes(results)
     summary = summarize(results, primary, axes, lower)
+    if baseline is None:
+        baseline = _configured_aggregate(jobs, root, "baseline")
+    if budget_by is None:
+        budget_by = _configured_aggregate(jobs, root, "budget_by")
+        budget_by = [budget_by] if isinstance(budget_by, str) else budget_by
+    if n_resamples is None:
+        n_resamples = int(_configured_aggregate(jobs, root, "n_resamples") or N_RESAMPLES)
+    stats = sweep_statistics(root, results, primary, axes, lower, baseline, budget_by, n_resamples)
     title = root.resolve().name
-    markdown = render_markdown(summary, results, primary, axes, lower, title)
+    markdown = render_summary(root, jobs, results, primary, axes, lower, title, stats)
+    full = render_markdown(summary, results, primary, axes, lower, title)
 
     atomic_write(root / RESULTS_CSV, _write_csv(results))
     if not per_class.empty:
@@ -621,17 +673,418 @@ def aggregate(
     else:
         (root / PER_CLASS_CSV).unlink(missing_ok=True)
     atomic_write(root / SUMMARY_MD, lambda f: f.write(markdown))
+    atomic_write(root / SUMMARY_FULL_MD, lambda f: f.write(full))
+    atomic_write(root / COMPARISONS_CSV, _write_csv(stats.comparisons.round(6)))
+    atomic_write(root / BUDGET_CSV, _write_csv(stats.budget.round(6)))
+    size_axis = learning_axis(axes)
     if plot:
-        atomic_write(
-            root / SUMMARY_PNG,
-            lambda f: _plot(summary, results, primary, axes, title, f),
-            binary=True,
-        )
+        if size_axis is not None:
+            draw = lambda f: _plot_learning_curve(stats, axes, size_axis, primary, title, f)  # noqa: E731
+        else:
+            draw = lambda f: _plot(summary, results, primary, axes, title, f)  # noqa: E731
+        atomic_write(root / SUMMARY_PNG, draw, binary=True)
+        if len(stats.budget):
+            atomic_write(
+                root / BUDGET_PNG, lambda f: _plot_budget(stats.budget, primary, f), binary=True
+            )
     results.attrs.update(
         primary_metric=primary,
         axes=list(axes),
         lower_is_better=lower,
         summary=summary.to_dict("records"),
         summary_markdown=markdown,
+        comparisons=stats.comparisons,
+        statistics=stats,
     )
     return results
+
+
+# --------------------------------------------------------------------------- statistics
+
+SUMMARY_FULL_MD = "summary_full.md"
+COMPARISONS_CSV = "comparisons.csv"
+BUDGET_CSV = "budget.csv"
+BUDGET_PNG = "budget.png"
+N_RESAMPLES = 2000
+
+
+@dataclass
+class SweepStats:
+    """What :func:`sweep_statistics` found: per-group stats, comparisons, budget rows."""
+
+    groups: list[st.GroupStats]
+    comparisons: pd.DataFrame
+    budget: pd.DataFrame
+    test_metric: str | None
+    budget_by: list[str]
+    baseline: str | None
+    predictions: int  # completed jobs with predictions for the primary metric
+    notes: list[str]
+    pending: dict[tuple[str, ...], int] = field(default_factory=dict)
+
+
+def _values_key(row: pd.Series, axes: Sequence[str]) -> tuple[str, ...]:
+    return tuple(
+        UNSET if pd.isna(row[OVERRIDE_PREFIX + a]) else str(row[OVERRIDE_PREFIX + a]) for a in axes
+    )
+
+
+def _parse_baseline(text: str | None, axes: Sequence[str]) -> tuple[str, ...] | None:
+    """``"strategy=full"`` (``,``-separated for several axes) → the group's values; axes
+    the text leaves out must have a single value among the groups (checked by the caller)."""
+    if not text:
+        return None
+    wanted = dict(parse_override(p) for p in str(text).split(",") if p.strip())
+    unknown = sorted(set(wanted) - set(axes))
+    if unknown:
+        raise ValueError(
+            f"aggregate.baseline={text!r}: {unknown} is not a swept axis; swept axes: "
+            f"{list(axes) or 'none'}"
+        )
+    return tuple(wanted.get(a, "*") for a in axes)
+
+
+def sweep_statistics(
+    root: Path,
+    results: pd.DataFrame,
+    primary: str,
+    axes: Sequence[str],
+    lower: bool,
+    baseline: str | None = None,
+    budget_by: Sequence[str] | None = None,
+    n_resamples: int = N_RESAMPLES,
+) -> SweepStats:
+    """Group CIs, failed runs, comparisons and budget curves of a sweep's results."""
+    test_metric = "test/" + primary.split("/", 1)[1] if primary.startswith("val/") else None
+    if test_metric not in results.columns:
+        test_metric = None
+    groups: dict[tuple[str, ...], list[st.Run]] = {}
+    failures: dict[tuple[str, ...], list[int]] = {}
+    labels: dict[tuple[str, ...], str] = {}
+    reasons: list[str] = []
+    pending: dict[tuple[str, ...], int] = {}
+    with_preds = 0
+    for _, row in results.iterrows():
+        g = _values_key(row, axes)
+        labels[g] = _group_label(dict(zip(axes, g)), axes)
+        groups.setdefault(g, [])
+        counts = failures.setdefault(g, [0, 0])
+        if row["status"] == FAILED:
+            counts[0] += 1
+            diverged = st.diverged_error(row["error"])
+            counts[1] += int(diverged)
+            reasons.append(st.DIVERGED if diverged else "error")
+            continue
+        if row["status"] != COMPLETED:
+            pending[g] = pending.get(g, 0) + 1
+            reasons.append("")
+            continue
+        metrics = {c: row[c] for c in (primary, test_metric) if c and c in row}
+        replicate = tuple(
+            str(row.get(OVERRIDE_PREFIX + k, "")) if k != SEED_KEY else str(row[SEED_KEY])
+            for k in REPLICATE_KEYS
+        )
+        wall = row.get("job_wall_s")
+        run = st.load_run(
+            root / row["job_dir"],
+            row["job_dir"],
+            g,
+            replicate,
+            metrics,
+            primary,
+            test_metric,
+            None if pd.isna(wall) else float(wall),
+            lower,
+        )
+        with_preds += bool(run.splits)
+        groups[g].append(run)
+        reasons.append(
+            f"{run.failed} ({primary} {_fmt(run.score)} <= chance {_fmt(run.chance)})"
+            if run.failed == st.DEGENERATE
+            else (run.failed or "")
+        )
+    results["failed_reason"] = reasons
+    chance = {r.job_dir: r.chance for rs in groups.values() for r in rs if r.chance is not None}
+    results["chance_score"] = [chance.get(d, math.nan) for d in results["job_dir"]]
+    job_failures = {g: (c[0], c[1]) for g, c in failures.items()}
+    stats = st.analyse_groups(groups, labels, job_failures, lower, n_resamples)
+    base = _parse_baseline(baseline, axes)
+    notes = []
+    if base is not None:
+        matches = [s.group for s in stats if all(b in ("*", v) for b, v in zip(base, s.group))]
+        if len(matches) != 1:
+            notes.append(
+                f"baseline {baseline!r} matches {len(matches)} groups; name every axis that "
+                "varies among them (comma-separated). No baseline comparison."
+            )
+            base = None
+        else:
+            base = matches[0]
+    comparisons = pd.DataFrame(st.compare(stats, base, lower, n_resamples))
+    # budget: groups of the budget axes; trials are the jobs differing in the other axes/seeds
+    by = list(budget_by) if budget_by else default_budget_axes(results, axes)
+    missing = [a for a in by if a not in axes]
+    if missing:
+        raise ValueError(f"aggregate.budget_by: {missing} are not swept axes; swept: {axes}")
+    trials: dict[str, list[float]] = {}
+    for s in stats:
+        values = dict(zip(axes, s.group))
+        label = _group_label(values, by)
+        trials.setdefault(label, []).extend(r.score for r in s.runs)
+    budget = pd.DataFrame(st.budget_table(dict(sorted(trials.items())), lower))
+    return SweepStats(
+        stats, comparisons, budget, test_metric, by, baseline, with_preds, notes, pending
+    )
+
+
+def default_budget_axes(results: pd.DataFrame, axes: Sequence[str]) -> list[str]:
+    """Axes whose values are not all numbers (strategy, head, ...): the budget curves compare
+    them, and the numeric axes (learning rate, ...) with the seeds are the trials. With only
+    numeric or only non-numeric axes: the first axis (all axes when there is one)."""
+    choices = [
+        a
+        for a in axes
+        if not all(_is_number(v) for v in results[OVERRIDE_PREFIX + a].dropna().astype(str))
+    ]
+    if choices and len(choices) < len(axes):
+        return choices
+    return list(axes[:1])
+
+
+def _ci_header(intervals: Sequence[st.Interval]) -> str:
+    kinds = {i.kind for i in intervals if not math.isnan(i.mean)}
+    if kinds == {st.CI_TWO_LEVEL}:
+        return f"95% CI: {st.CI_TWO_LEVEL} bootstrap"
+    if kinds == {st.CI_SEEDS}:
+        return f"95% CI: {st.CI_SEEDS} bootstrap"
+    return f"95% CI: {st.CI_TWO_LEVEL} bootstrap, † {st.CI_SEEDS} only"
+
+
+def _ci_cell(i: st.Interval, mixed: bool) -> str:
+    return i.text() + (" †" if mixed and i.kind == st.CI_SEEDS and not math.isnan(i.mean) else "")
+
+
+def headline_table(stats: SweepStats, primary: str, axes: Sequence[str]) -> list[str]:
+    """The headline rows: group, n, failed, primary and test metric with CIs, ≈ best, time."""
+    groups = stats.groups
+    prim_h = _ci_header([s.ok_runs for s in groups])
+    any_failed_run = any(s.degenerate or s.diverged for s in groups)
+    show_pending = bool(stats.pending)
+    header = [*axes, "n", "failed", *(["running/missing"] if show_pending else [])]
+    header.append(f"{primary} ({prim_h}; non-failed runs)")
+    if any_failed_run:
+        header.append(f"{primary} (all runs)")
+    if stats.test_metric:
+        header.append(f"{stats.test_metric} ({_ci_header([s.test for s in groups])})")
+    header += ["vs best", "wall s"]
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |"]
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    mixed = "†" in prim_h
+    for s in groups:
+        failed = s.jobs_failed + s.degenerate + sum(r.failed == st.DIVERGED for r in s.runs)
+        cells: list[Any] = [*s.group, len(s.runs), failed]
+        if show_pending:
+            cells.append(stats.pending.get(s.group, 0))
+        cells.append(_ci_cell(s.ok_runs, mixed))
+        if any_failed_run:
+            cells.append(_ci_cell(s.all_runs, mixed))
+        if stats.test_metric:
+            cells.append(_ci_cell(s.test, "†" in header[-3]))
+        cells += [s.similar_to_best, "–" if math.isnan(s.wall_s) else f"{s.wall_s:.0f}"]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return lines
+
+
+def _command(root: Path, jobs: list[Job]) -> str:
+    """The multirun's command line from ``multirun.yaml``, else "not recorded"."""
+    for mdir in _multirun_dirs(root):
+        try:
+            cfg = OmegaConf.load(mdir / "multirun.yaml")
+            task = [str(t) for t in OmegaConf.select(cfg, "hydra.overrides.task", default=[])]
+            name = str(OmegaConf.select(cfg, "hydra.job.name", default="train") or "train")
+        except Exception:
+            continue
+        return f"python -m nlp_transfer.{name} -m " + " ".join(task)
+    return "not recorded (no multirun.yaml)"
+
+
+def reproducibility(
+    root: Path, jobs: list[Job], results: pd.DataFrame, axes: Sequence[str], stats: SweepStats
+) -> list[str]:
+    """The auto-filled reproducibility section."""
+    commits = sorted({str(j.metrics["git_commit"]) for j in jobs if j.metrics.get("git_commit")})
+    values = {
+        a: sorted(results[OVERRIDE_PREFIX + a].fillna(UNSET).astype(str).unique(), key=_natural_key)
+        for a in axes
+    }
+    seeds = sorted({str(s) for s in results[SEED_KEY].dropna()}, key=_natural_key)
+    folds = (
+        sorted(results["override.data.fold"].dropna().astype(str).unique(), key=_natural_key)
+        if "override.data.fold" in results
+        else []
+    )
+    trials = stats.budget.groupby("group")["available_trials"].max() if len(stats.budget) else {}
+    wall = pd.to_numeric(results["job_wall_s"], errors="coerce").sum()
+    sizes = []
+    for s in stats.groups:
+        for r in s.runs:
+            for split, (index, _, _) in sorted(r.splits.items()):
+                sizes.append(f"{split} {len(index)}")
+            if r.splits:
+                break
+        if sizes:
+            break
+    size_keys = sorted(
+        {k for j in jobs for k in j.metrics if re.search(r"(^|_)(examples|size)s?$|num_", k)}
+    )
+    for k in size_keys:
+        vals = sorted({str(j.metrics[k]) for j in jobs if k in j.metrics})
+        sizes.append(f"{k} {', '.join(vals)}")
+    lines = [
+        "## Reproducibility",
+        "",
+        f"- command: `{_command(root, jobs)}`",
+        "- git commit: " + (", ".join(f"`{c}`" for c in commits) if commits else "not recorded"),
+        "- swept axes: "
+        + ("; ".join(f"`{a}` ∈ {{{', '.join(v)}}}" for a, v in values.items()) or "none"),
+        "- seeds: "
+        + (", ".join(seeds) or "not recorded")
+        + (f"; folds: {', '.join(folds)}" if folds else ""),
+        f"- search budget: {len(results)} jobs; trials per budget group ("
+        + (", ".join(f"`{a}`" for a in stats.budget_by) or "all jobs")
+        + "): "
+        + (", ".join(f"{g}: {int(n)}" for g, n in dict(trials).items()) or "–"),
+        f"- total compute: {wall:.0f} s of job wall time",
+        "- data sizes (examples/sentences scored): "
+        + ("; ".join(sizes) if sizes else "not recorded"),
+    ]
+    return lines
+
+
+def render_summary(
+    root: Path,
+    jobs: list[Job],
+    results: pd.DataFrame,
+    primary: str,
+    axes: Sequence[str],
+    lower: bool,
+    title: str,
+    stats: SweepStats,
+) -> str:
+    """The compact ``summary.md``: headline table, comparisons note, reproducibility."""
+    counts = results["status"].value_counts()
+    better = "lower" if lower else "higher"
+    degenerate = sum(s.degenerate for s in stats.groups)
+    unchecked = [s.label for s in stats.groups if s.runs and not s.chance_checked]
+    lines = [
+        f"# Sweep summary: {title}",
+        "",
+        f"Primary metric: `{primary}` ({better} is better). "
+        f"Jobs: {int(counts.get(COMPLETED, 0))} completed, {int(counts.get(FAILED, 0))} failed, "
+        f"{int(counts.get(PENDING, 0))} running or missing.",
+        "",
+        "Grouped by: "
+        + (", ".join(f"`{a}`" for a in axes) if axes else "nothing (no swept axis)")
+        + "; over seeds"
+        + (" and folds" if "override.data.fold" in results else "")
+        + ". Cells: mean [95% CI]. `n`: completed runs; `failed`: crashed, diverged (NaN stop) "
+        "or degenerate runs (validation score at or below the majority-class / all-O score "
+        "of its validation set). `vs best`: `≈ best` where the paired tests (Holm-corrected) "
+        "cannot tell the group from the best (comparisons.csv), `?` where no test is possible "
+        "(no predictions and < 3 seeds).",
+        "",
+    ]
+    lines += headline_table(stats, primary, axes)
+    lines.append("")
+    if stats.predictions == 0:
+        lines.append(
+            "No job wrote per-example predictions for this metric: intervals are over seeds "
+            "only and comparisons use the seed-level permutation test (>= 3 seeds)."
+        )
+    if unchecked:
+        lines.append(
+            f"Degenerate runs could not be checked (no validation predictions) in: "
+            f"{'; '.join(unchecked)}."
+        )
+    if degenerate:
+        lines.append(
+            f"{degenerate} completed run(s) are degenerate (see results.csv failed_reason)."
+        )
+    lines += stats.notes
+    lines += [
+        "",
+        "Per-metric tables and the failed jobs: summary_full.md; per job: results.csv.",
+        "",
+    ]
+    lines += reproducibility(root, jobs, results, axes, stats)
+    return "\n".join(lines) + "\n"
+
+
+def _plot_budget(budget: pd.DataFrame, primary: str, f: IO[bytes]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.0, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for group, rows in budget.groupby("group", sort=True):
+        ax.plot(rows["trials"], rows["expected_best"], marker="o", ms=3, label=str(group))
+    ax.set_xlabel("trials (hyperparameter settings × seeds)")
+    ax.set_ylabel(f"expected best {primary}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Expected best validation score vs budget (Dodge et al.)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(f, format="png", metadata={"Software": None})
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def learning_axis(axes: Sequence[str]) -> str | None:
+    return next((a for a in axes if a in st.LEARNING_AXES), None)
+
+
+def _plot_learning_curve(
+    stats: SweepStats, axes: Sequence[str], size_axis: str, primary: str, title: str, f: IO[bytes]
+) -> None:
+    """Primary metric (mean and CI) against training-set size, one line per group."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    k = list(axes).index(size_axis)
+    others = [a for a in axes if a != size_axis]
+    lines: dict[str, list[tuple[float, st.Interval, str]]] = {}
+    numeric = [float(s.group[k]) for s in stats.groups if _is_number(s.group[k])]
+    top = max(numeric) * 2 if numeric else 1.0
+    for s in stats.groups:
+        try:
+            x = float(s.group[k])
+        except ValueError:  # null / "all": the full training set, drawn right of the rest
+            x = top
+        label = _group_label(dict(zip(others, s.group[:k] + s.group[k + 1 :])), others)
+        lines.setdefault(label, []).append((x, s.ok_runs, s.group[k]))
+    fig = Figure(figsize=(7.0, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ticks: dict[float, str] = {}
+    for label, points in sorted(lines.items()):
+        points.sort(key=lambda p: p[0])
+        xs = [p[0] for p in points]
+        ax.plot(xs, [p[1].mean for p in points], marker="o", label=label)
+        ax.fill_between(xs, [p[1].low for p in points], [p[1].high for p in points], alpha=0.2)
+        ticks.update({p[0]: p[2] if p[0] != top or p[2] != UNSET else "all" for p in points})
+    ax.set_xscale("log")
+    ax.set_xticks(list(ticks), list(ticks.values()), fontsize=7)
+    ax.set_xlabel(size_axis)
+    ax.set_ylabel(primary)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{title}: learning curve, mean and 95% CI", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(f, format="png", metadata={"Software": None})

@@ -9,6 +9,9 @@ Enable with (``conf/hydra/default.yaml``)::
 Hydra skips ``on_multirun_end`` when a job of the basic sweeper fails (the sweep raises
 first), so the callback also aggregates at interpreter exit when the sweep did not end
 normally: a sweep with failed jobs still gets its ``results.csv`` and ``summary.md``.
+
+A multirun with failed jobs ends with a last line saying how many failed and exits with
+status 1 (``exit_on_failed_jobs: false`` keeps status 0).
 """
 
 from __future__ import annotations
@@ -38,9 +41,16 @@ class AggregateOnMultirunEnd(Callback):
     ends (or the process exits after a failed sweep). Never raises: errors are logged."""
 
     def __init__(
-        self, primary_metric: str | None = None, plot: bool = True, on_failure: bool = True
+        self,
+        primary_metric: str | None = None,
+        plot: bool = True,
+        on_failure: bool = True,
+        exit_on_failed_jobs: bool = True,
     ) -> None:
         self.primary_metric = primary_metric
+        self.exit_on_failed_jobs = exit_on_failed_jobs
+        self.failed_jobs = 0
+        self.total_jobs = 0
         self.plot = plot
         self.on_failure = on_failure
         self._sweep: Path | None = None
@@ -64,8 +74,16 @@ class AggregateOnMultirunEnd(Callback):
         """Aggregate the sweep dir."""
         self._cancel_exit_hook()
         sweep = _sweep_dir(config) or self._sweep
-        if sweep is not None:
-            self.run(sweep)
+        if sweep is not None and self.run(sweep) and self.failed_jobs:
+            log.error(
+                "multirun: %d of %d jobs failed (errors in %s); exit status %d",
+                self.failed_jobs,
+                self.total_jobs,
+                Path(sweep) / "summary_full.md",
+                1 if self.exit_on_failed_jobs else 0,
+            )
+            if self.exit_on_failed_jobs:
+                raise SystemExit(1)  # not an Exception: Hydra's callback runner lets it through
 
     def _cancel_exit_hook(self) -> None:
         if self._pending:
@@ -84,6 +102,8 @@ class AggregateOnMultirunEnd(Callback):
             from nlp_transfer.sweeps.aggregate import RESULTS_CSV, SUMMARY_MD, aggregate
 
             df = aggregate(sweep_dir, primary_metric=self.primary_metric, plot=self.plot)
+            self.failed_jobs = int((df["status"] == "failed").sum())
+            self.total_jobs = len(df)
         except Exception as e:
             log.error("aggregate: failed for %s: %s: %s", sweep_dir, type(e).__name__, e)
             return False
