@@ -1,0 +1,101 @@
+"""Documented options do what they say (issue 22): feature-cache keys cover the weights,
+``scheduler=stlr``, ``data.label_all_subtokens``, trainable-parameter counts over the run,
+and the documented output locations and run names."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from nlp_transfer.builders import build_encoder
+from nlp_transfer.encoders.transformer import TransformerEncoder
+from nlp_transfer.features import cache as cache_mod
+from nlp_transfer.features.cache import FeatureCache, cache_key, key_parts_from_encoder
+
+# -- feature-cache key ------------------------------------------------------------------------
+
+
+def _key(encoder: object) -> str:
+    return cache_key(key_parts_from_encoder(encoder, data="d", pooling="first", layers="all"))
+
+
+def test_cache_key_follows_the_weights_of_tiny_encoders(make_cfg) -> None:
+    seed0 = build_encoder(make_cfg())
+    seed0_again = build_encoder(make_cfg("seed=1"))  # the run seed: same encoder weights
+    seed1 = build_encoder(make_cfg("encoder.seed=1"))
+    assert seed0.identity() == seed1.identity()  # what the key was made of before
+    assert _key(seed0) == _key(seed0_again)
+    assert _key(seed0) != _key(seed1)
+
+
+def test_weights_digest_is_memoised_until_a_weight_changes(make_cfg, monkeypatch) -> None:
+    encoder = build_encoder(make_cfg())
+    calls = []
+    real = cache_mod.hashlib.blake2b
+    monkeypatch.setattr(
+        cache_mod.hashlib, "blake2b", lambda **kw: calls.append(1) or real(**kw)
+    )
+    first = cache_mod.weights_digest(encoder)
+    assert cache_mod.weights_digest(encoder) == first and len(calls) == 1
+    with torch.no_grad():
+        next(encoder.parameters()).add_(1.0)  # e.g. a training step
+    assert cache_mod.weights_digest(encoder) != first and len(calls) == 2
+
+
+def test_cache_key_covers_weights_without_a_safetensors_file(make_cfg, tmp_path: Path) -> None:
+    """A folder (or hub snapshot) with pytorch_model.bin: same name and revision, other
+    weights, another key."""
+    folder = tmp_path / "model"
+    keys = []
+    for seed in (0, 1):
+        tiny = build_encoder(make_cfg(f"encoder.seed={seed}"))
+        tiny.model.config.save_pretrained(folder)
+        torch.save(tiny.model.state_dict(), folder / "pytorch_model.bin")
+        tiny.tokenizer.save_pretrained(folder)
+        assert not (folder / "model.safetensors").exists()
+        loaded = TransformerEncoder(str(folder))
+        assert cache_mod.weights_digest(loaded) == cache_mod.weights_digest(tiny)
+        keys.append(_key(loaded))
+    assert keys[0] != keys[1]
+
+
+def test_cache_hit_is_logged_at_info_with_entry_and_size(tmp_path: Path, caplog) -> None:
+    cache = FeatureCache(tmp_path / "features", durable=False)
+    parts = {"encoder": {"name": "x"}, "data": "d"}
+
+    def compute(writer) -> None:
+        writer.write("features", np.zeros((4, 8), dtype=np.float32))
+
+    cache.get_or_compute(parts, compute, description="demo entry")
+    with caplog.at_level(logging.INFO, logger="nlp_transfer.features.cache"):
+        cache.get_or_compute(parts, compute)
+    hits = [r for r in caplog.records if "cache hit" in r.getMessage()]
+    assert hits and hits[0].levelno == logging.INFO
+    message = hits[0].getMessage()
+    assert cache_key(parts)[:12] in message and "demo entry" in message and "B" in message
+
+
+# -- scheduler=stlr -----------------------------------------------------------------------------
+
+
+def test_stlr_preset_gives_the_slanted_triangular_curve(make_cfg) -> None:
+    cfg = make_cfg("scheduler=stlr")
+    assert (cfg.scheduler.cut_frac, cfg.scheduler.ratio) == (0.1, 32)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.32)
+    scheduler = instantiate(cfg.scheduler)(optimizer=optimizer, num_training_steps=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    peak = int(np.argmax(lrs))
+    assert peak == 10  # cut = floor(0.1 * 100)
+    assert lrs[0] == pytest.approx(0.32 / 32) and lrs[peak] == pytest.approx(0.32)
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1 : peak + 1]))  # short linear rise
+    assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))  # long linear fall
+    assert lrs[-1] < 0.32 / 32 * 1.5
