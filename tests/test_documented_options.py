@@ -4,6 +4,7 @@ and the documented output locations and run names."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
@@ -37,9 +38,7 @@ def test_weights_digest_is_memoised_until_a_weight_changes(make_cfg, monkeypatch
     encoder = build_encoder(make_cfg())
     calls = []
     real = cache_mod.hashlib.blake2b
-    monkeypatch.setattr(
-        cache_mod.hashlib, "blake2b", lambda **kw: calls.append(1) or real(**kw)
-    )
+    monkeypatch.setattr(cache_mod.hashlib, "blake2b", lambda **kw: calls.append(1) or real(**kw))
     first = cache_mod.weights_digest(encoder)
     assert cache_mod.weights_digest(encoder) == first and len(calls) == 1
     with torch.no_grad():
@@ -96,6 +95,6 @@ def test_stlr_preset_gives_the_slanted_triangular_curve(make_cfg) -> None:
     peak = int(np.argmax(lrs))
     assert peak == 10  # cut = floor(0.1 * 100)
     assert lrs[0] == pytest.approx(0.32 / 32) and lrs[peak] == pytest.approx(0.32)
-    assert all(a < b for a, b in zip(lrs[:peak], lrs[1 : peak + 1]))  # short linear rise
-    assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))  # long linear fall
+    assert all(a < b for a, b in itertools.pairwise(lrs[: peak + 1]))  # short linear rise
+    assert all(a > b for a, b in itertools.pairwise(lrs[peak:]))  # long linear fall
     assert lrs[-1] < 0.32 / 32 * 1.5
