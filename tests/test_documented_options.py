@@ -13,10 +13,12 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from nlp_transfer.builders import build_encoder
+from nlp_transfer.builders import build_datamodule, build_encoder, build_module
+from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.encoders.transformer import TransformerEncoder
 from nlp_transfer.features import cache as cache_mod
 from nlp_transfer.features.cache import FeatureCache, cache_key, key_parts_from_encoder
+from nlp_transfer.train import train
 
 # -- feature-cache key ------------------------------------------------------------------------
 
@@ -98,3 +100,83 @@ def test_stlr_preset_gives_the_slanted_triangular_curve(make_cfg) -> None:
     assert all(a < b for a, b in itertools.pairwise(lrs[: peak + 1]))  # short linear rise
     assert all(a > b for a, b in itertools.pairwise(lrs[peak:]))  # long linear fall
     assert lrs[-1] < 0.32 / 32 * 1.5
+
+
+# -- data.label_all_subtokens -------------------------------------------------------------------
+
+NER = ["experiment=demo_ner", "encoder=tiny", "data.batch_size=8"]
+
+
+def _ner_pair(make_cfg) -> tuple:
+    """(module, batch) with label_all_subtokens off and on, the same weights and examples."""
+    out = []
+    for flag in ("false", "true"):
+        cfg = make_cfg(*NER, f"data.label_all_subtokens={flag}", "seed=0")
+        torch.manual_seed(0)
+        encoder = build_encoder(cfg)
+        dm = build_datamodule(cfg, encoder)
+        dm.prepare_data()
+        dm.setup("fit")
+        module = build_module(cfg, encoder, dm.labels, dm.task)
+        if out:
+            module.load_state_dict(out[0][0].state_dict())
+        batch = dm.collate([dm.tokenized("train")[i] for i in range(8)])
+        out.append((module, batch))
+    return out
+
+
+def test_label_all_subtokens_changes_the_training_loss_not_the_scoring(make_cfg) -> None:
+    (off, batch_off), (on, batch_on) = _ner_pair(make_cfg)
+    assert on.subtoken_loss and not off.subtoken_loss
+    assert "subtoken_labels" in batch_on and "subtoken_labels" not in batch_off
+    # more subtokens than words: the subtoken loss counts every piece of a split word
+    assert (batch_on["subtoken_labels"] != -100).sum() > (batch_on["labels"] != -100).sum()
+    off.eval(), on.eval()  # no dropout: the losses differ by what they sum over only
+    with torch.no_grad():
+        loss_off = off.training_step(batch_off, 0)
+        loss_on = on.training_step(batch_on, 0)
+        assert not torch.isclose(loss_off, loss_on)
+        # scoring is word level in both: same predictions, same metric states
+        for module, batch in ((off, batch_off), (on, batch_on)):
+            module._eval_step(batch, "val")
+        preds_off = off.predict_step(batch_off, 0)["preds"]
+        preds_on = on.predict_step(batch_on, 0)["preds"]
+    assert torch.equal(preds_off, preds_on)
+    assert off.val_metrics.compute() == on.val_metrics.compute()
+
+
+@pytest.mark.slow
+def test_label_all_subtokens_trains_differently_end_to_end(make_cfg) -> None:
+    results = []
+    for flag in ("false", "true"):
+        cfg = make_cfg(
+            *NER,
+            f"data.label_all_subtokens={flag}",
+            "+trainer.limit_train_batches=6",
+            "+trainer.limit_val_batches=2",
+            "test=false",
+            run=f"run_{flag}",
+        )
+        metrics, _ = train(cfg)
+        results.append(metrics)
+    assert results[0]["val/loss"] != results[1]["val/loss"]
+    assert {k for k in results[0] if k.startswith("val/")} == {
+        k for k in results[1] if k.startswith("val/")
+    }
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("head=crf", "CRF"),
+        ("subword_pooling.mode=first_last", "first_last"),
+        ("features.cache=true", "features.cache"),
+    ],
+)
+def test_label_all_subtokens_refuses_what_cannot_train_on_subtokens(
+    make_cfg, override: str, match: str
+) -> None:
+    extra = ["strategy=frozen"] if override.startswith("features") else []
+    cfg = make_cfg(*NER, "data.label_all_subtokens=true", override, *extra)
+    with pytest.raises(ConfigError, match=match):
+        train(cfg)

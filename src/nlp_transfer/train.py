@@ -40,6 +40,7 @@ from nlp_transfer.builders import (
     build_module,
     check_required,
     plain_config,
+    subtoken_loss_requested,
 )
 from nlp_transfer.checkpoint import CheckpointError, check_fits, read_checkpoint
 from nlp_transfer.data.errors import ConfigError, config_flag
@@ -188,6 +189,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_required(cfg)
     apply_hardware_settings(cfg)  # precision/speed `auto`: once, before anything is built
     validate_train_config(cfg)  # bad values, head/strategy/monitor that do not fit the task
+    subtoken_loss_requested(cfg)  # refuses the combinations that cannot train on subtokens
     if cfg.head.get("kind") == "sklearn":  # SVM / random forest / logreg on frozen features
         from nlp_transfer.features.sklearn_train import train_sklearn
 
