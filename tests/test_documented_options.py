@@ -5,6 +5,7 @@ and the documented output locations and run names."""
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from nlp_transfer.encoders.transformer import TransformerEncoder
 from nlp_transfer.features import cache as cache_mod
 from nlp_transfer.features.cache import FeatureCache, cache_key, key_parts_from_encoder
 from nlp_transfer.train import train
+from nlp_transfer.training.trainable_params import TrainableParamsMonitor
 
 # -- feature-cache key ------------------------------------------------------------------------
 
@@ -180,3 +182,42 @@ def test_label_all_subtokens_refuses_what_cannot_train_on_subtokens(
     cfg = make_cfg(*NER, "data.label_all_subtokens=true", override, *extra)
     with pytest.raises(ConfigError, match=match):
         train(cfg)
+
+
+# -- trainable parameters over the run ------------------------------------------------------------
+
+QUICK = ["+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1", "test=false"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "stages"),
+    [
+        (["strategy=lp_ft", "trainer.max_epochs=2"], 2),
+        # tiny encoder: embeddings + 2 layers, one more group per optimizer step
+        (["strategy=gradual_unfreeze", "strategy.unit=step"], 4),
+    ],
+)
+def test_trainable_params_count_every_stage(make_cfg, overrides: list[str], stages: int) -> None:
+    metrics, objects = train(make_cfg(*overrides, *QUICK))
+    module = objects["module"]
+    head = sum(p.numel() for p in module.head.parameters())
+    assert metrics["trainable_params/stage1"] == head  # stage 1: the head alone
+    counts = [metrics[f"trainable_params/stage{k}"] for k in range(1, stages + 1)]
+    assert counts == sorted(counts) and len(set(counts)) == stages
+    assert f"trainable_params/stage{stages + 1}" not in metrics
+    # the whole encoder trains at the end
+    assert metrics["trainable_params"] == metrics["trainable_params_max"] == counts[-1]
+    assert metrics["trainable_params"] == metrics["total_params"] > head
+    assert metrics["frozen_params"] == 0
+    on_disk = json.loads((Path(objects["cfg"].paths.output_dir) / "metrics.json").read_text())
+    assert on_disk["trainable_params"] == metrics["trainable_params"]
+
+
+def test_trainable_params_single_stage_has_no_stage_keys() -> None:
+    monitor = TrainableParamsMonitor()
+    assert monitor.metrics(fallback=7) == {"trainable_params": 7, "trainable_params_max": 7}
+    monitor.stages = [{"params": 66, "epoch": 0, "step": 0}]
+    assert monitor.metrics(fallback=7) == {"trainable_params": 66, "trainable_params_max": 66}
+    restored = TrainableParamsMonitor()
+    restored.load_state_dict(monitor.state_dict())  # resumed runs keep earlier stages
+    assert restored.stages == monitor.stages

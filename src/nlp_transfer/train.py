@@ -56,6 +56,7 @@ from nlp_transfer.training.resume import (
     remove_stale_temp_files,
     wandb_run_id,
 )
+from nlp_transfer.training.trainable_params import TrainableParamsMonitor
 from nlp_transfer.utils.config_tree import print_config_tree
 from nlp_transfer.utils.io import OutputExistsError, atomic_write_json
 from nlp_transfer.utils.resolvers import CONFIG_DIR
@@ -251,7 +252,9 @@ def fit_and_score(
 ) -> tuple[dict[str, Any], Trainer]:
     """Build the trainer, fit, score the best checkpoint on validation (and test), write
     ``metrics.json``; shared by single-task and multi-task runs."""
+    params_monitor = TrainableParamsMonitor()  # counts per stage (gradual_unfreeze, lp_ft)
     callbacks = build_callbacks(cfg) + list(module.spec.callbacks) + list(extra_callbacks)
+    callbacks.append(params_monitor)
     _prepare_loggers(cfg, plan)
     loggers = build_loggers(cfg)
     plugins = _trainer_plugins(cfg)
@@ -270,6 +273,9 @@ def fit_and_score(
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=plan.ckpt_path, weights_only=True)
     wall = time.perf_counter() - start
+    # read now: validate/test from the best checkpoint restore the callback's older state
+    counts.update(params_monitor.metrics(fallback=counts["trainable_params"]))
+    counts["frozen_params"] = counts["total_params"] - counts["trainable_params"]
     if trainer.interrupted:
         raise KeyboardInterrupt("training was interrupted; the last checkpoint is kept")
 

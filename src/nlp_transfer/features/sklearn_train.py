@@ -258,6 +258,7 @@ def train_sklearn(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "train_wall_s": round(wall, 3),
             "feature_wall_s": round(feature_s, 3),
             "trainable_params": fitted,
+            "trainable_params_max": fitted,
             "total_params": encoder_params + (fitted or 0),
             "frozen_params": encoder_params,
             "seed": cfg.get("seed"),
