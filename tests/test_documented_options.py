@@ -17,10 +17,13 @@ from hydra.utils import instantiate
 from nlp_transfer.builders import build_datamodule, build_encoder, build_module
 from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.encoders.transformer import TransformerEncoder
+from nlp_transfer.export import export
 from nlp_transfer.features import cache as cache_mod
 from nlp_transfer.features.cache import FeatureCache, cache_key, key_parts_from_encoder
+from nlp_transfer.predict import predict
 from nlp_transfer.train import train
 from nlp_transfer.training.trainable_params import TrainableParamsMonitor
+from nlp_transfer.utils.io import checkpoint_run_dir, free_default_output
 
 # -- feature-cache key ------------------------------------------------------------------------
 
@@ -221,3 +224,47 @@ def test_trainable_params_single_stage_has_no_stage_keys() -> None:
     restored = TrainableParamsMonitor()
     restored.load_state_dict(monitor.state_dict())  # resumed runs keep earlier stages
     assert restored.stages == monitor.stages
+
+
+# -- where predict and export write by default -----------------------------------------------------
+
+
+def test_checkpoint_run_dir_and_free_default_output(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints" / "steps").mkdir(parents=True)
+    assert checkpoint_run_dir(run / "checkpoints" / "last.ckpt") == run.resolve()
+    assert checkpoint_run_dir(run / "checkpoints" / "steps" / "s.ckpt") == run.resolve()
+    assert checkpoint_run_dir(tmp_path / "model.ckpt") == tmp_path.resolve()
+    target = run / "predictions.jsonl"
+    assert free_default_output(target) == target
+    target.write_text("earlier results\\n")
+    (run / "export").mkdir()  # an empty folder is free
+    assert free_default_output(target) == run / "predictions_1.jsonl"
+    assert free_default_output(run / "export") == run / "export"
+    (run / "export" / "config.json").write_text("{}")
+    assert free_default_output(run / "export") == run / "export_1"
+
+
+def test_predict_and_export_default_outputs_go_beside_the_checkpoint(
+    make_cfg, tmp_path: Path
+) -> None:
+    metrics, _ = train(make_cfg("+trainer.limit_train_batches=2", *QUICK[1:], run="trained"))
+    ckpt = Path(metrics["best_checkpoint"])
+    run = ckpt.parent.parent
+    texts = tmp_path / "in.txt"
+    texts.write_text("a fine film\n")
+    args = [f"ckpt_path={ckpt}", f"input={texts}"]
+    first = predict(make_cfg(*args, name="predict", run="p1"))
+    second = predict(make_cfg(*args, name="predict", run="p2"))
+    assert (first, second) == (run / "predictions.jsonl", run / "predictions_1.jsonl")
+    assert not list((tmp_path / "p1").glob("*.jsonl"))  # not in predict's own folder
+    result = export(make_cfg(f"ckpt_path={ckpt}", "verify=false", name="export", run="e1"))
+    assert Path(result["export_dir"]) == run / "export"
+    assert (run / "export" / "config.json").is_file()
+
+
+def test_debug_fdr_writes_no_checkpoints_or_logger_files(make_cfg) -> None:
+    metrics, objects = train(make_cfg("debug=fdr", "extras.print_config=false"))
+    run = Path(objects["cfg"].paths.output_dir)
+    assert "val/acc" in metrics and (run / "metrics.json").is_file()
+    assert not (run / "checkpoints").exists() and not (run / "csv").exists()
