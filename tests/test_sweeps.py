@@ -261,7 +261,8 @@ def test_local_parallel_launcher(tmp_path: Path) -> None:
     for n in ("0", "1"):
         assert json.loads((sweep / n / "status.json").read_text())["status"] == "completed"
         assert "val/f1_macro" in json.loads((sweep / n / "metrics.json").read_text())
-    assert len(list((sweep / ".submitit").glob("*/*_log.out"))) == 2
+    assert len(list((sweep / ".submitit").glob("*_log.out"))) == 2
+    assert not list(sweep.rglob("*%j*"))  # no folder named after submitit's %j placeholder
     df = aggregate(sweep)
     assert sorted(df["seed"]) == [1, 2] and set(df["status"]) == {"completed"}
 
