@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from nlp_transfer.builders import build_datamodule, build_encoder, build_module
 from nlp_transfer.data.errors import ConfigError
@@ -21,6 +22,7 @@ from nlp_transfer.export import export
 from nlp_transfer.features import cache as cache_mod
 from nlp_transfer.features.cache import FeatureCache, cache_key, key_parts_from_encoder
 from nlp_transfer.predict import predict
+from nlp_transfer.sweeps.job import run_name
 from nlp_transfer.train import train
 from nlp_transfer.training.trainable_params import TrainableParamsMonitor
 from nlp_transfer.utils.io import checkpoint_run_dir, free_default_output
@@ -268,3 +270,52 @@ def test_debug_fdr_writes_no_checkpoints_or_logger_files(make_cfg) -> None:
     run = Path(objects["cfg"].paths.output_dir)
     assert "val/acc" in metrics and (run / "metrics.json").is_file()
     assert not (run / "checkpoints").exists() and not (run / "csv").exists()
+
+
+# -- wandb run names ---------------------------------------------------------------------------------
+
+
+def _as_hydra_job(cfg, **hydra_values) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    OmegaConf.set_readonly(cfg.hydra, False)
+    with open_dict(cfg):
+        for key, value in hydra_values.items():
+            OmegaConf.update(cfg, f"hydra.{key}", value, force_add=True)
+    HydraConfig().set_config(cfg)
+
+
+def test_wandb_run_name_of_a_single_run_leaves_out_paths_hydra_and_logger(make_cfg) -> None:
+    cfg = make_cfg(
+        "optimizer.lr=0.01",
+        "paths.log_dir=/tmp/elsewhere",
+        "hydra.run.dir=/tmp/run",
+        "logger=wandb",
+        "seed=3",
+        fast=False,
+    )
+    _as_hydra_job(cfg)
+    assert run_name() == "optimizer.lr=0.01,seed=3"
+
+
+def test_wandb_run_name_of_a_sweep_job_has_only_the_swept_overrides(
+    make_cfg, tmp_path: Path
+) -> None:
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    OmegaConf.save(
+        {
+            "hydra": {
+                "overrides": {
+                    "task": ["trainer=cpu", "seed=1,2", "optimizer.lr=0.1,0.01", "paths.log_dir=/x"]
+                },
+                "sweeper": {"params": {"strategy": "frozen,full", "data.batch_size": "16"}},
+            }
+        },
+        sweep / "multirun.yaml",
+    )
+    job = ["trainer=cpu", "seed=2", "optimizer.lr=0.01", "paths.log_dir=/x", "strategy=full"]
+    cfg = make_cfg(*job, "data.batch_size=16", fast=False)
+    _as_hydra_job(cfg, mode="MULTIRUN", **{"job.num": 3, "sweep.dir": str(sweep)})
+    assert run_name() == "3:seed=2,optimizer.lr=0.01,strategy=full"
