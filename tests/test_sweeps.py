@@ -178,7 +178,7 @@ def test_wandb_group_and_name(tmp_path: Path) -> None:
     single = _cfg(tmp_path, "logger=wandb", "optimizer.lr=0.0001")
     lg = instantiate(single.logger.wandb)
     assert lg._wandb_init["group"] is None
-    assert lg._wandb_init["name"] == "encoder=tiny,logger=wandb,optimizer.lr=0.0001"
+    assert lg._wandb_init["name"] == "encoder=tiny,optimizer.lr=0.0001"  # no logger=
 
     sweep_dir = tmp_path / "multiruns" / "2025-01-01_00-00-00_abc123"
     multi = _cfg(
@@ -195,7 +195,7 @@ def test_wandb_group_and_name(tmp_path: Path) -> None:
     fixed = _cfg(tmp_path, "logger=wandb", "logger.wandb.group=ablation", *MULTIRUN)
     assert instantiate(fixed.logger.wandb)._wandb_init["group"] == "ablation"
     plain = _cfg(tmp_path, "logger=wandb")
-    assert instantiate(plain.logger.wandb)._wandb_init["name"] == "encoder=tiny,logger=wandb"
+    assert instantiate(plain.logger.wandb)._wandb_init["name"] == "encoder=tiny"
 
 
 # --------------------------------------------------------------------------- real sweeps
