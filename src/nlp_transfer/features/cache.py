@@ -752,19 +752,14 @@ class FeatureCache:
         key = cache_key(key_parts)
         entry = self._load(key, self.verify)
         if entry is not None:
-            log.info(
-                "feature cache hit %s (%s in %s): %s",
-                key[:12],
-                human_size(entry.nbytes),
-                entry.path,
-                entry.manifest.get("description") or describe_key_parts(entry.key_parts),
-            )
+            _log_hit(entry)
             return entry
         self.check_writable()
         self._reap()
         with self._locked(key):
             entry = self._load(key, self.verify)  # another process may have finished it
             if entry is not None:
+                _log_hit(entry)
                 return entry
             log.info("feature cache miss %s: computing (%s)", key[:12], self.root)
             tmp = self.root / _TMP / f"{key}__{self._host}__{os.getpid()}__{uuid.uuid4().hex}"
@@ -935,6 +930,16 @@ class FeatureCache:
         if key is None:
             self._reap()
         return removed
+
+
+def _log_hit(entry: Entry) -> None:
+    log.info(
+        "feature cache hit %s (%s in %s): %s",
+        entry.key[:12],
+        human_size(entry.nbytes),
+        entry.path,
+        entry.manifest.get("description") or describe_key_parts(entry.key_parts),
+    )
 
 
 def _progress_bar(total: int | None, desc: str) -> Any:
