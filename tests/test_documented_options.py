@@ -176,6 +176,7 @@ def test_label_all_subtokens_trains_differently_end_to_end(make_cfg) -> None:
     ("override", "match"),
     [
         ("head=crf", "CRF"),
+        ("head=token_bilstm", "BiLSTM"),
         ("subword_pooling.mode=first_last", "first_last"),
         ("features.cache=true", "features.cache"),
     ],

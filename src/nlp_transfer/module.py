@@ -146,9 +146,9 @@ class TransferModule(LightningModule):
         if not getattr(self.head, "per_position_loss", False):
             raise ConfigError(
                 f"data.label_all_subtokens=true trains the head on every subtoken, but "
-                f"{type(self.head).__name__} scores whole label sequences (a CRF learns "
-                "transitions between words, not subtokens); use head=token_linear or "
-                "head=token_mlp, or data.label_all_subtokens=false"
+                f"{type(self.head).__name__} reads the word sequence as a whole (a CRF's "
+                "transitions, a BiLSTM's context are between words, not subtokens); use "
+                "head=token_linear or head=token_mlp, or data.label_all_subtokens=false"
             )
         hidden = self.encoder.hidden_size
         if self.layer_pooling is not None:
