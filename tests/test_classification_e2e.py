@@ -100,18 +100,21 @@ def test_predict_writes_jsonl(trained: tuple[dict, Path], make_cfg, tmp_path: Pa
     metrics, _ = trained
     inp = tmp_path / "in.txt"
     inp.write_text("a wonderful film\n\nthe food was cold and bland\n")
-    cfg = make_cfg(
-        f"ckpt_path={metrics['best_checkpoint']}", f"input={inp}", name="predict", run="pred"
-    )
+    cfg_args = [f"ckpt_path={metrics['best_checkpoint']}", f"input={inp}"]
+    cfg = make_cfg(*cfg_args, name="predict", run="pred")
     out = predict(cfg)
+    assert out.parent == Path(metrics["best_checkpoint"]).parent.parent  # beside the run
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["text"] for r in rows] == ["a wonderful film", "the food was cold and bland"]
     for r in rows:
         assert r["label"] in ("negative", "positive")
         assert sum(r["probs"].values()) == pytest.approx(1.0, abs=1e-4)
         assert r["label"] == max(r["probs"], key=r["probs"].get)
-    with pytest.raises(OutputExistsError):
-        predict(cfg)  # the same output file is never overwritten
+    first = out.read_text()
+    again = predict(cfg)  # the default output is never overwritten: the next free name
+    assert again.name == "predictions_1.jsonl" and out.read_text() == first
+    with pytest.raises(OutputExistsError):  # nor is an explicit one
+        predict(make_cfg(*cfg_args, f"output={out}", name="predict", run="pred2"))
 
 
 def test_predict_from_stdin_cli(trained: tuple[dict, Path], tmp_path: Path) -> None:

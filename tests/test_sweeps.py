@@ -178,7 +178,7 @@ def test_wandb_group_and_name(tmp_path: Path) -> None:
     single = _cfg(tmp_path, "logger=wandb", "optimizer.lr=0.0001")
     lg = instantiate(single.logger.wandb)
     assert lg._wandb_init["group"] is None
-    assert lg._wandb_init["name"] == "encoder=tiny,logger=wandb,optimizer.lr=0.0001"
+    assert lg._wandb_init["name"] == "encoder=tiny,optimizer.lr=0.0001"  # no logger=
 
     sweep_dir = tmp_path / "multiruns" / "2025-01-01_00-00-00_abc123"
     multi = _cfg(
@@ -195,7 +195,7 @@ def test_wandb_group_and_name(tmp_path: Path) -> None:
     fixed = _cfg(tmp_path, "logger=wandb", "logger.wandb.group=ablation", *MULTIRUN)
     assert instantiate(fixed.logger.wandb)._wandb_init["group"] == "ablation"
     plain = _cfg(tmp_path, "logger=wandb")
-    assert instantiate(plain.logger.wandb)._wandb_init["name"] == "encoder=tiny,logger=wandb"
+    assert instantiate(plain.logger.wandb)._wandb_init["name"] == "encoder=tiny"
 
 
 # --------------------------------------------------------------------------- real sweeps
@@ -264,7 +264,8 @@ def test_local_parallel_launcher(tmp_path: Path) -> None:
     for n in ("0", "1"):
         assert json.loads((sweep / n / "status.json").read_text())["status"] == "completed"
         assert "val/f1_macro" in json.loads((sweep / n / "metrics.json").read_text())
-    assert len(list((sweep / ".submitit").glob("*/*_log.out"))) == 2
+    assert len(list((sweep / ".submitit").glob("*_log.out"))) == 2
+    assert not list(sweep.rglob("*%j*"))  # no folder named after submitit's %j placeholder
     df = aggregate(sweep)
     assert sorted(df["seed"]) == [1, 2] and set(df["status"]) == {"completed"}
 

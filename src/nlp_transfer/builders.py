@@ -75,6 +75,34 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
     return container
 
 
+def subtoken_loss_requested(cfg: DictConfig) -> bool:
+    """``data.label_all_subtokens``, refused where training never sees subtokens: cached
+    frozen features (word vectors), classic (sklearn) heads, multi-task runs."""
+    tasks = cfg.get("tasks")
+    if tasks:  # multi-task runs read each task's data, not the top-level one
+        nodes = tasks.values() if isinstance(tasks, DictConfig) else tasks
+        if any(n is not None and (n.get("data") or {}).get("label_all_subtokens") for n in nodes):
+            raise ConfigError(
+                "tasks.<name>.data.label_all_subtokens=true is not supported in multi-task "
+                "runs; set it to false"
+            )
+        return False
+    data = cfg.get("data") or {}
+    if not config_flag(data.get("label_all_subtokens"), "data.label_all_subtokens", False):
+        return False
+    if (cfg.get("head") or {}).get("kind") == "sklearn":
+        raise ConfigError(
+            "data.label_all_subtokens=true: sklearn heads fit word features once; use "
+            "head=token_linear or data.label_all_subtokens=false"
+        )
+    if (cfg.get("features") or {}).get("cache"):
+        raise ConfigError(
+            "data.label_all_subtokens=true needs subtoken features, but features.cache=true "
+            "caches word features; set features.cache=false or data.label_all_subtokens=false"
+        )
+    return True
+
+
 def build_module(cfg: DictConfig, encoder: Encoder, labels: list[str], task: str) -> TransferModule:
     apply_hardware_settings(cfg)
     model_cfg = cfg.get("model") or {}
@@ -105,6 +133,7 @@ def build_module(cfg: DictConfig, encoder: Encoder, labels: list[str], task: str
         clip_norm_shortcut=config_flag(
             model_cfg.get("clip_norm_shortcut"), "model.clip_norm_shortcut", True
         ),
+        subtoken_loss=task == "sequence_labeling" and subtoken_loss_requested(cfg),
         run_config=plain_config(cfg),
     )
 

@@ -30,7 +30,13 @@ from nlp_transfer.data.errors import config_flag
 from nlp_transfer.encoders.transformer import TransformerEncoder
 from nlp_transfer.module import TransferModule
 from nlp_transfer.safe_targets import check_stored_config
-from nlp_transfer.utils.io import atomic_write_json, guard_new_output, new_dir_atomically
+from nlp_transfer.utils.io import (
+    atomic_write_json,
+    checkpoint_run_dir,
+    free_default_output,
+    guard_new_output,
+    new_dir_atomically,
+)
 from nlp_transfer.utils.resolvers import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -169,7 +175,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     check_required(cfg)
     run = read_checkpoint(cfg.ckpt_path)
     out_dir = (
-        Path(cfg.output_dir) if cfg.get("output_dir") else Path(cfg.paths.output_dir) / "export"
+        Path(cfg.output_dir)
+        if cfg.get("output_dir")
+        else free_default_output(checkpoint_run_dir(cfg.ckpt_path) / "export")
     )
     module, datamodule = restore(
         run,

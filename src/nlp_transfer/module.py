@@ -17,6 +17,7 @@ from pytorch_lightning import Callback, LightningModule
 from torch import nn
 
 from nlp_transfer.data.alignment import merge_window_predictions
+from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.encoders.base import Encoder
 from nlp_transfer.encoders.fast_dropout import swap_dropout
 from nlp_transfer.heads import head_kwargs
@@ -65,6 +66,9 @@ class TransferModule(LightningModule):
         clip_norm_shortcut: with a fused optimizer, clipping by norm hands the clip factor
             to the fused kernel and reads only the buffered embedding rows for the norm
             (:meth:`configure_gradient_clipping`); off: a full norm and a scaling pass.
+        subtoken_loss: sequence labeling (``data.label_all_subtokens``): the training loss
+            is the head's loss over every subtoken (``subtoken_labels``), the head reading
+            subtoken features; validation, test and prediction stay at word level.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class TransferModule(LightningModule):
         compile_encoder: bool = False,
         embedding_grad_buffer: bool = True,
         clip_norm_shortcut: bool = True,
+        subtoken_loss: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -106,6 +111,9 @@ class TransferModule(LightningModule):
         self.head_factory = head
         self.head_kwargs = head_kwargs(head, size, self.labels, encoder.hidden_size)
         self.head = head(**self.head_kwargs)
+        self.subtoken_loss = subtoken_loss
+        if subtoken_loss:
+            self._check_subtoken_loss()
         self.aux_heads = nn.ModuleDict()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -129,6 +137,28 @@ class TransferModule(LightningModule):
             self.encoder.compile(dynamic=True)
         self.last_test_report: dict[str, float] = {}
         self._window_buffer: dict[str, list[Any]] = {}
+
+    def _check_subtoken_loss(self) -> None:
+        """A subtoken loss needs a per-position head that reads subtoken features as it
+        reads word features."""
+        if self.task != "sequence_labeling":
+            raise ConfigError("data.label_all_subtokens=true is for sequence labeling only")
+        if not getattr(self.head, "per_position_loss", False):
+            raise ConfigError(
+                f"data.label_all_subtokens=true trains the head on every subtoken, but "
+                f"{type(self.head).__name__} reads the word sequence as a whole (a CRF's "
+                "transitions, a BiLSTM's context are between words, not subtokens); use "
+                "head=token_linear or head=token_mlp, or data.label_all_subtokens=false"
+            )
+        hidden = self.encoder.hidden_size
+        if self.layer_pooling is not None:
+            hidden = self.layer_pooling.output_size
+        if self.feature_size != hidden:
+            raise ConfigError(
+                "data.label_all_subtokens=true: the head reads word features of size "
+                f"{self.feature_size} but subtoken features of size {hidden} "
+                "(subword_pooling.mode=first_last); choose first, last or mean"
+            )
 
     # -- metrics ---------------------------------------------------------------------------
     def _build_metrics(self) -> None:
@@ -189,14 +219,21 @@ class TransferModule(LightningModule):
             hidden = tuple(batch["hidden_states"].unbind(dim=2))
             feats = self.layer_pooling(hidden) if self.layer_pooling is not None else hidden[-1]
             return hidden, feats, batch["feature_mask"]
+        hidden, feats = self.encode_subtokens(batch)
+        feats, mask = self.to_words(feats, batch)
+        return hidden, feats, mask
+
+    def encode_subtokens(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """All hidden states and the (layer-pooled) per-subtoken features ``[B, T, H]``."""
         ctx = torch.no_grad() if self.frozen_encoder else nullcontext()
         with ctx:
             hidden = self.encoder(
                 batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
             )
         feats = self.layer_pooling(hidden) if self.layer_pooling is not None else hidden[-1]
-        feats, mask = self.to_words(feats, batch)
-        return hidden, feats, mask
+        return hidden, feats
 
     def to_words(
         self, feats: torch.Tensor, batch: dict[str, torch.Tensor]
@@ -246,8 +283,18 @@ class TransferModule(LightningModule):
 
     # -- steps -----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        hidden, feats, mask = self.encode_all(batch)
-        loss = self.head.loss(self.head(feats, mask), batch["labels"], mask)
+        if self.subtoken_loss:
+            if "subtoken_labels" not in batch:
+                raise ConfigError(
+                    "data.label_all_subtokens=true but the batch has no subtoken_labels "
+                    "(cached features hold word features only: set features.cache=false)"
+                )
+            hidden, feats = self.encode_subtokens(batch)
+            mask = batch["attention_mask"].bool()
+            loss = self.head.loss(self.head(feats, mask), batch["subtoken_labels"], mask)
+        else:
+            hidden, feats, mask = self.encode_all(batch)
+            loss = self.head.loss(self.head(feats, mask), batch["labels"], mask)
         if len(self.aux_heads):
             weight = self.strategy.aux_weight(
                 self.global_step, self.trainer.estimated_stepping_batches

@@ -25,7 +25,12 @@ from nlp_transfer.data.readers import DEFAULT_ENCODING, decode_text, read_text_f
 from nlp_transfer.data.sequence_labeling import split_words
 from nlp_transfer.data.tags import entities_from_tags, tags_from_entities
 from nlp_transfer.module import TransferModule
-from nlp_transfer.utils.io import guard_new_output, new_file_atomically
+from nlp_transfer.utils.io import (
+    checkpoint_run_dir,
+    free_default_output,
+    guard_new_output,
+    new_file_atomically,
+)
 from nlp_transfer.utils.resolvers import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -203,7 +208,9 @@ def predict_entities(
 def predict(cfg: DictConfig) -> Path:
     check_required(cfg)
     out_path = (
-        Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / "predictions.jsonl"
+        Path(cfg.output)
+        if cfg.get("output")
+        else free_default_output(checkpoint_run_dir(cfg.ckpt_path) / "predictions.jsonl")
     )
     guard_new_output(out_path, "prediction file")
     run = read_checkpoint(cfg.ckpt_path)

@@ -40,6 +40,7 @@ from nlp_transfer.builders import (
     build_module,
     check_required,
     plain_config,
+    subtoken_loss_requested,
 )
 from nlp_transfer.checkpoint import (
     CheckpointError,
@@ -63,6 +64,7 @@ from nlp_transfer.training.resume import (
     slurm_fields,
     wandb_run_id,
 )
+from nlp_transfer.training.trainable_params import TrainableParamsMonitor
 from nlp_transfer.utils.config_tree import print_config_tree
 from nlp_transfer.utils.io import OutputExistsError, atomic_write_json
 from nlp_transfer.utils.provenance import git_commit
@@ -194,6 +196,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_required(cfg)
     apply_hardware_settings(cfg)  # precision/speed `auto`: once, before anything is built
     validate_train_config(cfg)  # bad values, head/strategy/monitor that do not fit the task
+    subtoken_loss_requested(cfg)  # refuses the combinations that cannot train on subtokens
     if cfg.head.get("kind") == "sklearn":  # SVM / random forest / logreg on frozen features
         from nlp_transfer.features.sklearn_train import train_sklearn
 
@@ -258,11 +261,13 @@ def fit_and_score(
 ) -> tuple[dict[str, Any], Trainer]:
     """Build the trainer, fit, score the best checkpoint on validation (and test), write
     ``metrics.json``; shared by single-task and multi-task runs."""
+    params_monitor = TrainableParamsMonitor()  # counts per stage (gradual_unfreeze, lp_ft)
     callbacks = build_callbacks(cfg) + list(module.spec.callbacks) + list(extra_callbacks)
     # per-example predictions of the final evaluation: predictions/[<task>/]{val,test}.npz
     writer = PredictionWriter(plan.output_dir) if cfg.get("save_predictions", True) else None
     if writer is not None:
         callbacks.append(writer)
+    callbacks.append(params_monitor)
     _prepare_loggers(cfg, plan)
     loggers = build_loggers(cfg)
     plugins = _trainer_plugins(cfg)
@@ -281,6 +286,9 @@ def fit_and_score(
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=plan.ckpt_path, weights_only=True)
     wall = time.perf_counter() - start
+    # read now: validate/test from the best checkpoint restore the callback's older state
+    counts.update(params_monitor.metrics(fallback=counts["trainable_params"]))
+    counts["frozen_params"] = counts["total_params"] - counts["trainable_params"]
     if trainer.interrupted:
         raise KeyboardInterrupt("training was interrupted; the last checkpoint is kept")
 

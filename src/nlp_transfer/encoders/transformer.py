@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -148,15 +146,6 @@ class TransformerEncoder(Encoder):
             "random_init": self.random_init,
             "config_overrides": self.config_overrides,
         }
-        weights = Path(self.name_or_path) / "model.safetensors"
-        if not self.random_init and weights.is_file():
-            ident["weights_sha1"] = _file_digest(weights)
+        # the weights themselves (random init seed, any weight file format, hub or local)
+        # are hashed from the state dict by the feature cache: features.cache.weights_digest
         return ident
-
-
-def _file_digest(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha1()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

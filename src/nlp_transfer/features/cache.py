@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +172,49 @@ def feature_key_parts(
     return parts
 
 
+# weights digests of live modules: module -> (stamp of its tensors, digest)
+_WEIGHT_DIGESTS: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def weights_digest(module: Any) -> str:
+    """BLAKE2b over every state-dict tensor of ``module`` (name, dtype, shape, bytes).
+
+    Covers whatever makes weights differ (random init seeds, hub downloads in any file
+    format, in-process edits). Memoised per module object: it is hashed again only when a
+    tensor was replaced or modified in place since (autograd's version counters; edits
+    through ``tensor.data`` bypass them), so a process hashes its encoder once.
+    """
+    import torch
+
+    state = module.state_dict(keep_vars=True)
+    stamp = tuple(
+        (name, t.data_ptr(), t._version, str(t.dtype), tuple(t.shape)) for name, t in state.items()
+    )
+    cached = _WEIGHT_DIGESTS.get(module)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    start = time.perf_counter()
+    h = hashlib.blake2b(digest_size=20)
+    with torch.no_grad():
+        for name, t in state.items():
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+            if t.device.type == "meta" or t.numel() == 0:
+                continue
+            flat = t.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
+            h.update(memoryview(flat.numpy()))
+    digest = h.hexdigest()
+    _WEIGHT_DIGESTS[module] = (stamp, digest)
+    log.debug(
+        "weights digest %s of %s in %.2fs",
+        digest[:12],
+        type(module).__name__,
+        time.perf_counter() - start,
+    )
+    return digest
+
+
 def key_parts_from_encoder(
     encoder: Any,
     *,
@@ -182,7 +226,8 @@ def key_parts_from_encoder(
 ) -> dict[str, Any]:
     """:func:`feature_key_parts` filled in from an ``nlp_transfer`` encoder.
 
-    Uses ``encoder.identity()``, ``encoder.tokenizer`` and ``encoder.max_length``.
+    Uses ``encoder.identity()`` plus a digest of the encoder's weights
+    (:func:`weights_digest`), ``encoder.tokenizer`` and ``encoder.max_length``.
     Negative layer indices are resolved against ``encoder.num_layers + 1`` hidden states,
     so ``[-1]`` and ``[num_layers]`` give the same key.
     """
@@ -201,8 +246,11 @@ def key_parts_from_encoder(
                 i %= n_states
             resolved.append(i)
         layers = resolved
+    ident = dict(encoder.identity())
+    if callable(getattr(encoder, "state_dict", None)):
+        ident["weights_hash"] = weights_digest(encoder)
     return feature_key_parts(
-        encoder=encoder.identity(),
+        encoder=ident,
         tokenizer=tok_name,
         vocab_size=vocab,
         max_length=length,
@@ -725,13 +773,14 @@ class FeatureCache:
         key = cache_key(key_parts)
         entry = self._load(key, self.verify)
         if entry is not None:
-            log.debug("feature cache hit %s", key)
+            _log_hit(entry)
             return entry
         self.check_writable()
         self._reap()
         with self._locked(key):
             entry = self._load(key, self.verify)  # another process may have finished it
             if entry is not None:
+                _log_hit(entry)
                 return entry
             log.info("feature cache miss %s: computing (%s)", key[:12], self.root)
             tmp = self.root / _TMP / f"{key}__{self._host}__{os.getpid()}__{uuid.uuid4().hex}"
@@ -902,6 +951,16 @@ class FeatureCache:
         if key is None:
             self._reap()
         return removed
+
+
+def _log_hit(entry: Entry) -> None:
+    log.info(
+        "feature cache hit %s (%s in %s): %s",
+        entry.key[:12],
+        human_size(entry.nbytes),
+        entry.path,
+        entry.manifest.get("description") or describe_key_parts(entry.key_parts),
+    )
 
 
 def _progress_bar(total: int | None, desc: str) -> Any:

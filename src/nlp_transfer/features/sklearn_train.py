@@ -280,6 +280,7 @@ def train_sklearn(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "feature_wall_s": round(feature_s, 3),
             "train_examples": len(datamodule.examples["train"]),
             "trainable_params": fitted,
+            "trainable_params_max": fitted,
             "total_params": encoder_params + (fitted or 0),
             "frozen_params": encoder_params,
             "seed": cfg.get("seed"),

@@ -52,6 +52,9 @@ class TokenHead(nn.Module):
 
     task = "sequence_labeling"  # the task it fits (checked at start: nlp_transfer.validation)
 
+    # scores each position on its own: trains on subtokens as well (label_all_subtokens)
+    per_position_loss = True
+
     def __init__(
         self,
         input_size: int,

@@ -513,16 +513,51 @@ def sweep_group() -> str | None:
         return None
 
 
+# overrides that never name a run: where files go, Hydra's own settings, the loggers
+_UNNAMED = ("paths", "hydra", "logger")
+
+
+def _override_key(text: str) -> str:
+    return text.split("=", 1)[0].lstrip("+~")
+
+
+def _swept_keys(hc: DictConfig) -> set[str] | None:
+    """Keys the sweep varies (command-line and ``hydra.sweeper.params`` sweeps), read from
+    the sweep's ``multirun.yaml``; None when it cannot be read."""
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        cfg = OmegaConf.load(Path(str(hc.sweep.dir)) / "multirun.yaml")
+        task = [str(t) for t in cfg.hydra.overrides.task]
+        params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
+        args = [f"{k}={v}" for k, v in params.items()] + task
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception as e:
+        log.debug("wandb run name: cannot read the sweep's multirun.yaml (%s)", e)
+        return None
+    return {o.key_or_group for o in parsed if o.is_sweep_override()}
+
+
 def run_name(max_len: int = 128) -> str | None:
-    """wandb run name: the job's overrides (``hydra.job.override_dirname``), else None."""
+    """wandb run name. A multirun job: its number and the values of the swept overrides
+    (``3:optimizer.lr=0.0001,seed=2``); a single run: the command-line overrides except
+    ``paths.*``, ``hydra.*`` and ``logger``; None when nothing is left (wandb's random name)."""
     hc = _hydra_cfg()
     if hc is None:
         return None
     try:
-        name = str(hc.job.override_dirname)
+        task = [str(t) for t in hc.overrides.task]
     except Exception:
         return None
-    num = OmegaConf.select(hc, "job.num", default=None) if hydra_mode() == "MULTIRUN" else None
+    keys = [_override_key(t) for t in task]
+    multirun = hydra_mode() == "MULTIRUN"
+    swept = _swept_keys(hc) if multirun else None
+    if swept is not None:
+        parts = [t for t, k in zip(task, keys) if k in swept]
+    else:
+        parts = [t for t, k in zip(task, keys) if k.split(".")[0].split("/")[0] not in _UNNAMED]
+    name = ",".join(parts)
+    num = OmegaConf.select(hc, "job.num", default=None) if multirun else None
     if num is not None:
         name = f"{num}:{name}" if name else str(num)
     return name[:max_len] or None

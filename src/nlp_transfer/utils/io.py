@@ -140,3 +140,28 @@ def guard_new_output(path: str | Path, what: str = "output") -> Path:
             "Choose another path or remove it yourself."
         )
     return path
+
+
+def checkpoint_run_dir(ckpt_path: str | Path) -> Path:
+    """The run folder a checkpoint belongs to: the folder holding its ``checkpoints/``
+    (``<run>/checkpoints/x.ckpt``, ``<run>/checkpoints/steps/x.ckpt``), else its own folder."""
+    path = Path(ckpt_path).expanduser().resolve()
+    for parent in (path.parent, path.parent.parent):
+        if parent.name == "checkpoints":
+            return parent.parent
+    return path.parent
+
+
+def free_default_output(path: str | Path) -> Path:
+    """``path``, or the first free ``<stem>_<n><suffix>`` (n = 1, 2, ...) when ``path`` holds
+    results already: a default output never replaces an earlier one."""
+    path = Path(path)
+
+    def taken(p: Path) -> bool:
+        return p.is_file() or (p.is_dir() and any(p.iterdir()))
+
+    n, candidate = 0, path
+    while taken(candidate):
+        n += 1
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    return candidate
