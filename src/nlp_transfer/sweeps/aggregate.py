@@ -47,6 +47,8 @@ PENDING = "running-or-missing"
 
 OVERRIDE_PREFIX = "override."
 SEED_KEY = "seed"
+# replicates, like seeds: never a swept axis, so rows group over them (k-fold CV: data.fold)
+REPLICATE_KEYS = (SEED_KEY, "data.fold")
 PER_CLASS_MARK = "/per_class/"
 UNSET = "(unset)"
 # job-level columns shown in the summary beside the val/test metrics, when present
@@ -317,13 +319,13 @@ def build_tables(jobs: list[Job]) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def swept_axes(results: pd.DataFrame) -> list[str]:
-    """Override keys whose value varies across jobs, the seed excepted."""
+    """Override keys whose value varies across jobs, the seed and the fold excepted."""
     axes = []
     for col in results.columns:
         if not col.startswith(OVERRIDE_PREFIX):
             continue
         key = col[len(OVERRIDE_PREFIX) :]
-        if key == SEED_KEY:
+        if key in REPLICATE_KEYS:
             continue
         if results[col].fillna(UNSET).astype(str).nunique() > 1:
             axes.append(key)
