@@ -128,14 +128,16 @@ def test_pretrain_refuses_random_init_and_existing_output(
 
 @pytest.mark.slow
 def test_minilm_mlm_on_an_sst2_slice_lowers_held_out_loss(shared_data: Path, make_cfg) -> None:
-    """Published MiniLM (no MLM head shipped) continues MLM on 500 SST-2 sentences."""
+    """Published MiniLM (no MLM head shipped) continues MLM on 500 SST-2 sentences for 30
+    steps; the held-out text is 200 validation sentences."""
     cfg = make_cfg(
         "data=sst2",
         f"data.data_dir={shared_data / 'sst2'}",
         "data.max_train_examples=500",
         "data.max_eval_examples=200",
         "trainer=cpu",
-        "trainer.max_epochs=2",
+        "trainer.max_epochs=5",
+        "+trainer.max_steps=30",
         "trainer.enable_progress_bar=false",
         "extras.print_config=false",
         "callbacks.model_summary=null",
@@ -146,3 +148,37 @@ def test_minilm_mlm_on_an_sst2_slice_lowers_held_out_loss(shared_data: Path, mak
     assert metrics["mlm_head_initialised"] is True
     assert metrics["train_texts"] == 500 and metrics["held_out_texts"] == 200
     assert metrics["mlm/loss_after"] < metrics["mlm/loss_before"]
+
+
+def test_whole_word_masking_masks_every_subtoken_of_a_word(tiny_bert: Path) -> None:
+    from nlp_transfer.pretrain import MaskedTextDataModule
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    texts = ["unbelievably incomprehensible antidisestablishmentarianism " * 4] * 8
+    data = MaskedTextDataModule(tok, texts, texts[:2], 64, 8, 8, 0.5, True, False, 50, 0)
+    data.setup()
+    batch = data.collate(data.features["train"])
+    enc = tok(texts, truncation=True, max_length=64)
+    for row in range(len(texts)):
+        masked_by_word: dict[int, set[bool]] = {}
+        for pos, word in enumerate(enc.word_ids(row)):
+            if word is not None:
+                masked_by_word.setdefault(word, set()).add(bool(batch["labels"][row, pos] != -100))
+        assert all(len(v) == 1 for v in masked_by_word.values())  # all or none of a word
+        assert any(v == {True} for v in masked_by_word.values())
+    assert len(enc.tokens(0)) > 3 * 4 + 2  # the words really are split into subtokens
+
+
+def test_pretrain_resumes_an_interrupted_run(tiny_bert: Path, make_cfg, tmp_path: Path) -> None:
+    steps = ["callbacks.model_checkpoint_steps.every_n_train_steps=2", "trainer.max_epochs=5"]
+    base = ["encoder=hf", f"encoder.name_or_path={tiny_bert}", *QUICK, *steps]
+    first = pretrain(make_cfg(*base, "trainer.max_steps=2", name="pretrain", run="r"))
+    assert first["global_steps"] == 2
+    run = tmp_path / "r"
+    (run / "metrics.json").unlink()  # as if killed before the end
+    import shutil
+
+    shutil.rmtree(run / "encoder")
+    again = pretrain(make_cfg(*base, "resume=auto", name="pretrain", run="r"))
+    assert again["global_steps"] == 6  # continued from step 2, not from 0
+    assert again["mlm/loss_before"] == pytest.approx(first["mlm/loss_before"])

@@ -158,7 +158,7 @@ class MaskedTextDataModule(LightningDataModule):
             return_special_tokens_mask=True,
             return_offsets_mapping=self.whole_word_mask,
         )
-        return [{k: enc[k][i] for k in enc.keys()} for i in range(len(texts))]
+        return [{k: enc[k][i] for k in enc} for i in range(len(texts))]
 
     def collate_with(self, collator: Any, features: list[dict[str, Any]]) -> dict[str, Any]:
         if self.whole_word_mask:  # offsets padded like special tokens, so they stack
@@ -238,9 +238,16 @@ def load_mlm_model(cfg: DictConfig) -> tuple[PreTrainedModel, bool]:
 class MaskedLMModule(LightningModule):
     """A transformers masked-LM model trained on its own loss."""
 
-    def __init__(self, model: PreTrainedModel, optimizer: Any, scheduler: Any = None) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        optimizer: Any,
+        scheduler: Any = None,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
-        self.model = model
+        self.model = model.train()  # from_pretrained returns eval mode
+        self.run_config = run_config or {}
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
 
@@ -266,6 +273,10 @@ class MaskedLMModule(LightningModule):
         loss = self.trainer.callback_metrics.get("val/loss")
         if loss is not None:
             self.log("val/perplexity", torch.exp(loss.detach().float()))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # what resume expects of a training checkpoint (task "mlm": no labels, no head)
+        checkpoint["nlp_transfer"] = {"labels": [], "task": "mlm", "config": self.run_config}
 
     def configure_optimizers(self) -> Any:
         decay, no_decay = [], []
@@ -336,6 +347,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         model,
         optimizer=instantiate(cfg.optimizer, _partial_=True),
         scheduler=instantiate(cfg.scheduler, _partial_=True) if cfg.get("scheduler") else None,
+        run_config=plain_config(cfg),
     )
     resume_state = ResumeState(cfg.get("seed"))
     resume_state.attach(data)
