@@ -69,8 +69,8 @@ def test_pretrain_writes_an_encoder_that_fine_tunes(
     # stage two: fine-tune from the written folder
     result, objects = train(
         make_cfg(
-            "encoder=dapt",
-            f"+dapt_dir={encoder_dir}",
+            "encoder=hf",
+            f"encoder.name_or_path={encoder_dir}",
             "test=false",
             "+trainer.limit_train_batches=2",
             "data.max_eval_examples=32",
@@ -182,3 +182,10 @@ def test_pretrain_resumes_an_interrupted_run(tiny_bert: Path, make_cfg, tmp_path
     again = pretrain(make_cfg(*base, "resume=auto", name="pretrain", run="r"))
     assert again["global_steps"] == 6  # continued from step 2, not from 0
     assert again["mlm/loss_before"] == pytest.approx(first["mlm/loss_before"])
+
+
+def test_dapt_demo_preset_composes_for_pretrain(make_cfg) -> None:
+    cfg = make_cfg("experiment=dapt_demo", name="pretrain")
+    assert cfg.task_name == "dapt_demo" and cfg.monitor == "val/loss"
+    assert cfg.data.data_dir.endswith("demo/sentiment") and cfg.text_file is None
+    assert cfg.encoder.name_or_path == packaged_minilm_dir()

@@ -4,7 +4,7 @@
 continues masked-language-model training of an encoder on unlabelled in-domain text (a text
 file, one text per line, or the training split of a data config) and writes an encoder
 folder (``save_pretrained`` model + tokenizer) that ``encoder=hf encoder.name_or_path=<dir>``
-(or ``encoder=dapt +dapt_dir=<dir>``) fine-tunes. See ``docs/pretraining.md``.
+fine-tunes. See ``docs/pretraining.md``.
 
 The MLM head is transformers' own (``AutoModelForMaskedLM``); when the checkpoint ships
 none (the packaged MiniLM is a sentence-transformers ``BertModel``) it is initialised as
