@@ -125,8 +125,28 @@ def test_token_classification_pipeline_matches_template(make_cfg, tmp_path: Path
     assert len(seen) >= 3
 
 
-def test_export_verifies_the_task_model(make_cfg, tmp_path: Path) -> None:
-    metrics, _ = train(make_cfg("test=false", "+trainer.limit_train_batches=2"))
+@pytest.mark.parametrize(
+    ("overrides", "auto_class"),
+    [
+        ([], "AutoModelForSequenceClassification"),
+        (["experiment=demo_ner", "encoder=tiny"], "AutoModelForTokenClassification"),
+    ],
+)
+def test_export_verifies_the_task_model(
+    overrides: list[str], auto_class: str, make_cfg, tmp_path: Path, monkeypatch
+) -> None:
+    import nlp_transfer.export as export_mod
+
+    metrics, _ = train(make_cfg(*overrides, "test=false", "+trainer.limit_train_batches=2"))
+    checked = []
+    original = export_mod.task_model_predictions
+
+    def spy(*args, **kwargs):
+        rows = original(*args, **kwargs)
+        checked.extend(r for r in rows if r is not None)
+        return rows
+
+    monkeypatch.setattr(export_mod, "task_model_predictions", spy)
     result = export(
         make_cfg(
             f"ckpt_path={metrics['best_checkpoint']}",
@@ -135,8 +155,9 @@ def test_export_verifies_the_task_model(make_cfg, tmp_path: Path) -> None:
             run="e",
         )
     )
-    assert result["task_model"] == "AutoModelForSequenceClassification"
+    assert result["task_model"] == auto_class
     assert result["task_model_max_prob_diff"] <= 1e-5
+    assert len(checked) == result["verified_examples"] > 0  # every text compared
 
 
 @pytest.mark.parametrize(
