@@ -39,7 +39,7 @@ from transformers import (
 from nlp_transfer.builders import build_callbacks, build_loggers, check_required, plain_config
 from nlp_transfer.data.base import check_megabatch_mult, grouped_loader
 from nlp_transfer.data.errors import ConfigError, DataError, config_flag
-from nlp_transfer.module import NO_DECAY
+from nlp_transfer.module import NO_DECAY, TransferModule
 from nlp_transfer.train import (
     _best_checkpoint_callback,
     _finish_loggers,
@@ -47,6 +47,7 @@ from nlp_transfer.train import (
     _prepare_loggers,
     _trainer_plugins,
 )
+from nlp_transfer.training.hardware import apply_hardware_settings, metrics_record
 from nlp_transfer.training.loop_state import ResumeState
 from nlp_transfer.utils.config_tree import print_config_tree
 from nlp_transfer.utils.io import atomic_write_json, guard_new_output
@@ -274,6 +275,9 @@ class MaskedLMModule(LightningModule):
         if loss is not None:
             self.log("val/perplexity", torch.exp(loss.detach().float()))
 
+    # clipping as in fine-tuning: also for fused AdamW under bf16 (where Lightning refuses)
+    configure_gradient_clipping = TransferModule.configure_gradient_clipping
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # what resume expects of a training checkpoint (task "mlm": no labels, no head)
         checkpoint["nlp_transfer"] = {"labels": [], "task": "mlm", "config": self.run_config}
@@ -308,6 +312,7 @@ def _held_out_loss(trainer: Trainer, module: MaskedLMModule, data: Any, **kw: An
 def pretrain(cfg: DictConfig) -> dict[str, Any]:
     """Continue MLM training; write the encoder folder and ``metrics.json``; return metrics."""
     check_required(cfg)
+    apply_hardware_settings(cfg)  # trainer.precision / optimizer speed knobs `auto`, as train
     plan = _plan_run(cfg)
     out_dir = plan.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -390,6 +395,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         "train_wall_s": round(wall, 3),
         "seed": cfg.get("seed"),
         "task": "mlm",
+        **metrics_record(cfg),  # precision, hardware kind, speed mechanisms
     }
     _finish_loggers(loggers)
     if trainer.is_global_zero:
