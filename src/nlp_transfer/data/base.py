@@ -100,6 +100,36 @@ def nested_subset(
     return sorted(order[:count].tolist())
 
 
+def check_folds(folds: Any, fold: Any) -> tuple[int | None, int]:
+    """``data.folds`` (null = no cross-validation, else >= 2) and ``data.fold`` in
+    ``[0, folds)`` as ints."""
+
+    def whole(value: Any) -> int | None:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        try:
+            return None if isinstance(value, bool) else operator.index(value)
+        except TypeError:
+            return None
+
+    if folds is None:
+        if fold not in (None, 0):
+            raise ConfigError(
+                f"data.fold={fold!r} needs data.folds=<k> (k-fold cross-validation), "
+                "e.g. data.folds=5 data.fold=0,1,2,3,4"
+            )
+        return None, 0
+    k = whole(folds)
+    if k is None or k < 2:
+        raise ConfigError(f"data.folds must be a whole number >= 2 or null, got {folds!r}")
+    i = whole(0 if fold is None else fold)
+    if i is None or not 0 <= i < k:
+        raise ConfigError(
+            f"data.fold must be a whole number in 0..{k - 1} for data.folds={k}, got {fold!r}"
+        )
+    return k, i
+
+
 def stable_hash(obj: Any) -> str:
     blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
@@ -148,8 +178,11 @@ class TransferDataModule(LightningDataModule):
         cache_tokenization: bool = True,
         length_grouping: bool = False,
         megabatch_mult: int = DEFAULT_MEGABATCH_MULT,
+        folds: int | None = None,
+        fold: int = 0,
     ) -> None:
         super().__init__()
+        self.folds, self.fold = check_folds(folds, fold)
         self.tokenizer = tokenizer
         self.data_dir = Path(data_dir) if data_dir else None
         self.files = {"train": train_file, "validation": validation_file, "test": test_file}
@@ -238,7 +271,9 @@ class TransferDataModule(LightningDataModule):
                 f"{self.data_dir}: no data files; expected {SPLITS[0]}/{SPLITS[1]}/{SPLITS[2]} "
                 f"with one of {list(self.suffixes)}"
             )
-        if "validation" not in self.examples and "train" in self.examples:
+        if self.folds and "train" in self.examples:
+            self._fold_split()
+        elif "validation" not in self.examples and "train" in self.examples:
             self._carve_validation()
         self._slice()
         if self.fixed_labels is not None:
@@ -282,6 +317,50 @@ class TransferDataModule(LightningDataModule):
         self.examples["train"] = [train[i] for i in sorted(order[n_val:])]
         self.sources["validation"] = f"{self.sources['train']} (seeded {self.val_fraction:.0%})"
         log.info("no validation split: carved %d examples out of train", n_val)
+
+    def _fold_split(self) -> None:
+        """k-fold cross-validation: validation is fold ``fold`` of a seeded split of train
+        (``split_seed``), stratified by label for classification and by sentence (plain
+        shuffled folds) for sequence labeling; a validation file is set aside."""
+        from sklearn.model_selection import KFold, StratifiedKFold
+
+        train = self.examples["train"]
+        if len(train) < self.folds:
+            raise DataError(
+                f"{self.sources['train']}: {len(train)} example(s) cannot be split into "
+                f"data.folds={self.folds} folds"
+            )
+        if "validation" in self.examples:
+            log.warning(
+                "data.folds=%d: validation is fold %d of train; %s is not used",
+                self.folds,
+                self.fold,
+                self.sources.get("validation", "the validation split"),
+            )
+        strata = (
+            ["|".join(self.labels_of(ex)) for ex in train]
+            if self.task == "classification"
+            else None
+        )
+        splitter = (StratifiedKFold if strata else KFold)(
+            n_splits=self.folds, shuffle=True, random_state=self.split_seed
+        )
+        keep, held_out = list(splitter.split(train, strata))[self.fold]
+        self.examples["validation"] = [train[i] for i in sorted(held_out)]
+        self.examples["train"] = [train[i] for i in sorted(keep)]
+        how = "stratified by label" if strata else "by sentence"
+        self.sources["validation"] = (
+            f"{self.sources['train']} (fold {self.fold} of {self.folds}, {how}, "
+            f"seed {self.split_seed})"
+        )
+        log.info(
+            "data.folds=%d data.fold=%d: %d train / %d validation examples (%s)",
+            self.folds,
+            self.fold,
+            len(keep),
+            len(held_out),
+            how,
+        )
 
     def _slice(self) -> None:
         """Seeded nested train subset; eval prefixes. The same in every run and process."""

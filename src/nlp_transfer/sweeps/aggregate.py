@@ -337,7 +337,7 @@ def _frame(columns: dict[str, Any]) -> pd.DataFrame:
 
 
 def swept_axes(results: pd.DataFrame) -> list[str]:
-    """Override keys whose value varies across jobs, the seed excepted."""
+    """Override keys whose value varies across jobs, the seed and the fold excepted."""
     axes = []
     for col in results.columns:
         if not col.startswith(OVERRIDE_PREFIX):
