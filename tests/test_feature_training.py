@@ -103,7 +103,9 @@ def test_cli_default_root_is_the_configs_cache_dir(monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("NLP_TRANSFER_FEATURE_CACHE", raising=False)
     monkeypatch.delenv("NLP_TRANSFER_ROOT", raising=False)
     monkeypatch.delenv("NLP_TRANSFER_CACHE", raising=False)
-    assert configured() == default_root() == PROJECT_ROOT / ".cache" / "features"
+    # the user cache folder (XDG), never inside the repository
+    assert configured() == default_root()
+    assert PROJECT_ROOT not in default_root().parents
     monkeypatch.setenv("NLP_TRANSFER_CACHE", "/somewhere/cache")
     assert configured() == default_root() == Path("/somewhere/cache/features")
 

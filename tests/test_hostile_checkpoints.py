@@ -33,6 +33,8 @@ LIMITS = [
     "+trainer.limit_test_batches=1",
 ]
 T = "nlp_transfer.encoders.transformer"
+# a package module that imports pathlib.Path (reachable as an attribute path through it)
+P = "nlp_transfer.utils.io"
 WRITE = "nlp_transfer.utils.io.atomic_write_json"  # a package function that writes a file
 
 
@@ -76,8 +78,8 @@ CASES: list[tuple[str, Edit, str | None]] = [
         _set(
             "encoder",
             lambda s: {
-                "_target_": f"{T}.Path.write_text",
-                "self": {"_target_": f"{T}.Path", "_args_": [str(s)]},
+                "_target_": f"{P}.Path.write_text",
+                "self": {"_target_": f"{P}.Path", "_args_": [str(s)]},
                 "data": "x",
             },
         ),

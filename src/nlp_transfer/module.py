@@ -7,7 +7,6 @@ sizes (head, layer pooling, optimizer, scheduler); nothing is looked up from str
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -26,6 +25,7 @@ from nlp_transfer.metrics.entity import EntityF1
 from nlp_transfer.strategies.base import TrainableSpec, TransferStrategy
 from nlp_transfer.training.embedding_grad import EmbeddingGradBuffer, uses_lazy_optimizer
 from nlp_transfer.training.grad_norm import total_norm
+from nlp_transfer.training.schedulers import with_step_schedule
 
 log = logging.getLogger(__name__)
 
@@ -474,16 +474,9 @@ class TransferModule(LightningModule):
                 g["weight_decay"],
                 f"{n:,}",
             )
-        if self.scheduler_factory is None:
-            return optimizer
-        steps = self.trainer.estimated_stepping_batches
-        if not math.isfinite(steps):
-            raise ValueError("the LR schedule needs trainer.max_epochs or trainer.max_steps")
-        scheduler = self.scheduler_factory(optimizer=optimizer, num_training_steps=int(steps))
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return with_step_schedule(
+            optimizer, self.scheduler_factory, self.trainer.estimated_stepping_batches
+        )
 
     def configure_callbacks(self) -> list[Callback]:
         # model-owned: a speed setting that must not vanish with callbacks=none

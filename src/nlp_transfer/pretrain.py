@@ -49,6 +49,7 @@ from nlp_transfer.train import (
 )
 from nlp_transfer.training.hardware import apply_hardware_settings, metrics_record
 from nlp_transfer.training.loop_state import ResumeState
+from nlp_transfer.training.schedulers import with_step_schedule
 from nlp_transfer.utils.config_tree import print_config_tree
 from nlp_transfer.utils.io import atomic_write_json, guard_new_output
 from nlp_transfer.utils.resolvers import CONFIG_DIR
@@ -291,16 +292,9 @@ class MaskedLMModule(LightningModule):
         optimizer = self.optimizer_factory(
             [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
         )
-        if self.scheduler_factory is None:
-            return optimizer
-        steps = self.trainer.estimated_stepping_batches
-        if not math.isfinite(steps):
-            raise ValueError("the LR schedule needs trainer.max_epochs or trainer.max_steps")
-        scheduler = self.scheduler_factory(optimizer=optimizer, num_training_steps=int(steps))
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return with_step_schedule(
+            optimizer, self.scheduler_factory, self.trainer.estimated_stepping_batches
+        )
 
 
 # -- entry point -----------------------------------------------------------------------------

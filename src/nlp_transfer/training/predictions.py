@@ -18,13 +18,13 @@ of hundreds of jobs can afford them:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from nlp_transfer.utils.io import write_atomically
 
 TASKS = ("classification", "sequence_labeling")
 SPLITS = ("val", "test")
@@ -125,16 +125,12 @@ def write_predictions(
     }
     if preds.offsets is not None:
         arrays["offsets"] = preds.offsets.astype(np.int64, copy=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def save(tmp: Path) -> None:
+        with tmp.open("wb") as f:  # a file object: np.savez would add ".npz" to a name
             np.savez_compressed(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomically(path, save)
     return path
 
 

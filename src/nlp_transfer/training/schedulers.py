@@ -3,6 +3,10 @@ with the optimizer and the number of training steps."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from typing import Any
+
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -27,3 +31,16 @@ def linear_warmup_decay(
 
 def constant(optimizer: Optimizer, num_training_steps: int) -> LambdaLR:
     return LambdaLR(optimizer, lambda _: 1.0)
+
+
+def with_step_schedule(
+    optimizer: Optimizer, scheduler: Callable[..., Any] | None, estimated_steps: float
+) -> Any:
+    """What ``configure_optimizers`` returns: the optimizer alone, or with ``scheduler``
+    (a partial taking ``optimizer`` and ``num_training_steps``) stepped every batch."""
+    if scheduler is None:
+        return optimizer
+    if not math.isfinite(estimated_steps):
+        raise ValueError("the LR schedule needs trainer.max_epochs or trainer.max_steps")
+    schedule = scheduler(optimizer=optimizer, num_training_steps=int(estimated_steps))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -17,20 +17,13 @@ from nlp_transfer.training.checkpoint_io import fsync_dir
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Write JSON to a temporary file in the same folder, fsync, then rename it into place
     (and fsync the folder): a crash leaves the old file or the new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+
+    def dump(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=False, default=_jsonable)
             f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+
+    write_atomically(path, dump)
 
 
 def _temp_beside(path: Path, directory: bool = False) -> Path:
