@@ -812,12 +812,17 @@ def sweep_statistics(
     notes = []
     if base is not None:
         matches = [s.group for s in stats if all(b in ("*", v) for b, v in zip(base, s.group))]
-        if len(matches) != 1:
-            notes.append(
-                f"baseline {baseline!r} matches {len(matches)} groups; name every axis that "
-                "varies among them (comma-separated). No baseline comparison."
-            )
+        if not matches:
+            notes.append(f"baseline {baseline!r} matches no group. No baseline comparison.")
             base = None
+        elif len(matches) > 1:
+            # axes the baseline leaves out: each group is compared with the baseline group at
+            # its own values of them (e.g. a recipe with the default recipe at the same size)
+            free = [a for a, b in zip(axes, base) if b == "*"]
+            notes.append(
+                f"baseline {baseline!r}: each group is compared with the baseline at its own "
+                f"{', '.join(free)}."
+            )
         else:
             base = matches[0]
     comparisons = pd.DataFrame(st.compare(stats, base, lower, n_resamples))
@@ -1080,6 +1085,8 @@ def _plot_learning_curve(
         ax.fill_between(xs, [p[1].low for p in points], [p[1].high for p in points], alpha=0.2)
         ticks.update({p[0]: p[2] if p[0] != top or p[2] != UNSET else "all" for p in points})
     ax.set_xscale("log")
+    # explicit limits: with every run of the sweep failed, no point is finite to autoscale on
+    ax.set_xlim(min(ticks) / 1.5, max(ticks) * 1.5)
     ax.set_xticks(list(ticks), list(ticks.values()), fontsize=7)
     ax.set_xlabel(size_axis)
     ax.set_ylabel(primary)

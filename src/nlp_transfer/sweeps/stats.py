@@ -503,32 +503,43 @@ def analyse_groups(
     return out
 
 
+def _reference(
+    s: GroupStats, pattern: tuple[str, ...], stats: list[GroupStats]
+) -> GroupStats | None:
+    """The baseline group for ``s``: the pattern's values, and ``s``'s own on ``*`` axes."""
+    want = tuple(v if b == "*" else b for b, v in zip(pattern, s.group))
+    return next((g for g in stats if g.group == want), None)
+
+
 def compare(
     stats: list[GroupStats],
     baseline: tuple[str, ...] | None,
     lower_is_better: bool,
     n_resamples: int,
 ) -> list[dict[str, Any]]:
-    """One row per (group, reference) pair: vs the best group, and vs ``baseline``."""
+    """One row per (group, reference) pair: vs the best group, and vs ``baseline``.
+
+    ``baseline`` holds a value per axis; ``"*"`` on an axis compares every group with the
+    baseline group at its own value of that axis (e.g. each recipe with the default recipe
+    at the same training size). Each family is Holm-corrected as a whole."""
     rows: list[dict[str, Any]] = []
     if not stats:
         return rows
-    refs = [("best", stats[0])]
+    families: list[tuple[str, list[tuple[GroupStats, GroupStats]]]] = [
+        ("best", [(s, stats[0]) for s in stats if s is not stats[0]])
+    ]
     if baseline is not None:
-        base = next((s for s in stats if s.group == baseline), None)
-        if base is not None:
-            refs.append(("baseline", base))
-    for family, ref in refs:
+        refs = [(s, _reference(s, baseline, stats)) for s in stats]
+        families.append(("baseline", [(s, r) for s, r in refs if r is not None and r is not s]))
+    for family, members in families:
         family_rows = []
-        for s in stats:
-            if s is ref:
-                continue
+        for s, ref in members:
             a = [r for r in s.runs if r.ok]
             b = [r for r in ref.runs if r.ok]
-            pairs = _pair_runs(a, b)
+            run_pairs = _pair_runs(a, b)
             key = f"{s.label}|{ref.label}"
-            split = "test" if all("test" in r.splits for p in pairs for r in p) else "val"
-            ex = paired_example_test(pairs, split, key, n_resamples)
+            split = "test" if all("test" in r.splits for p in run_pairs for r in p) else "val"
+            ex = paired_example_test(run_pairs, split, key, n_resamples)
             p_seed = seed_permutation_test([r.score for r in a], [r.score for r in b], key)
             row: dict[str, Any] = {
                 "family": f"vs {family}",
