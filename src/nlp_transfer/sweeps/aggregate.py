@@ -92,7 +92,7 @@ def preload() -> None:
 # --------------------------------------------------------------------------- discovery
 
 
-def _natural_key(text: str) -> list[Any]:
+def natural_key(text: str) -> list[Any]:
     """Sort ``2`` before ``10``: digit runs compare as numbers."""
     return [(0, int(t), t) if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t]
 
@@ -105,7 +105,7 @@ def find_job_dirs(sweep_dir: str | Path) -> list[Path]:
         if ".hydra" in dirnames:
             found.append(Path(dirpath))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-    return sorted(found, key=lambda p: _natural_key(p.relative_to(root).as_posix()))
+    return sorted(found, key=lambda p: natural_key(p.relative_to(root).as_posix()))
 
 
 def _multirun_dirs(sweep_dir: Path) -> list[Path]:
@@ -264,7 +264,7 @@ def collect_jobs(sweep_dir: str | Path) -> list[Job]:
     root = Path(sweep_dir)
     jobs = [read_job(root, d) for d in find_job_dirs(root)]
     jobs += _missing_jobs(root, jobs)
-    return sorted(jobs, key=lambda j: _natural_key(j.job_dir))
+    return sorted(jobs, key=lambda j: natural_key(j.job_dir))
 
 
 # --------------------------------------------------------------------------- tables
@@ -406,7 +406,7 @@ def summarize(
     if summary.empty:
         return summary
     labels = [_group_label(r, axes) for _, r in summary.iterrows()]
-    summary = summary.iloc[sorted(range(len(labels)), key=lambda i: _natural_key(labels[i]))]
+    summary = summary.iloc[sorted(range(len(labels)), key=lambda i: natural_key(labels[i]))]
     summary = summary.sort_values(
         f"{primary_metric} mean",
         ascending=lower_is_better,
@@ -599,7 +599,7 @@ def _configured_metric(jobs: list[Job], sweep_dir: Path) -> tuple[list[Any], Any
     return [], None, None
 
 
-def _configured_aggregate(jobs: list[Job], sweep_dir: Path, key: str) -> Any:
+def configured_aggregate(jobs: list[Job], sweep_dir: Path, key: str) -> Any:
     """``aggregate.<key>`` from the first job's config (set on the sweep's command line)."""
     for job in jobs:
         value = _select(_load_config(sweep_dir / job.job_dir), f"aggregate.{key}")
@@ -656,12 +656,12 @@ def aggregate(
     axes = swept_axes(results)
     summary = summarize(results, primary, axes, lower)
     if baseline is None:
-        baseline = _configured_aggregate(jobs, root, "baseline")
+        baseline = configured_aggregate(jobs, root, "baseline")
     if budget_by is None:
-        budget_by = _configured_aggregate(jobs, root, "budget_by")
+        budget_by = configured_aggregate(jobs, root, "budget_by")
         budget_by = [budget_by] if isinstance(budget_by, str) else budget_by
     if n_resamples is None:
-        n_resamples = int(_configured_aggregate(jobs, root, "n_resamples") or N_RESAMPLES)
+        n_resamples = int(configured_aggregate(jobs, root, "n_resamples") or N_RESAMPLES)
     stats = sweep_statistics(root, results, primary, axes, lower, baseline, budget_by, n_resamples)
     title = root.resolve().name
     markdown = render_summary(root, jobs, results, primary, axes, lower, title, stats)
@@ -729,7 +729,7 @@ def _values_key(row: pd.Series, axes: Sequence[str]) -> tuple[str, ...]:
     )
 
 
-def _parse_baseline(text: str | None, axes: Sequence[str]) -> tuple[str, ...] | None:
+def parse_baseline(text: str | None, axes: Sequence[str]) -> tuple[str, ...] | None:
     """``"strategy=full"`` (``,``-separated for several axes) → the group's values; axes
     the text leaves out must have a single value among the groups (checked by the caller)."""
     if not text:
@@ -808,7 +808,7 @@ def sweep_statistics(
     results["chance_score"] = [chance.get(d, math.nan) for d in results["job_dir"]]
     job_failures = {g: (c[0], c[1]) for g, c in failures.items()}
     stats = st.analyse_groups(groups, labels, job_failures, lower, n_resamples)
-    base = _parse_baseline(baseline, axes)
+    base = parse_baseline(baseline, axes)
     notes = []
     if base is not None:
         matches = [s.group for s in stats if all(b in ("*", v) for b, v in zip(base, s.group))]
@@ -900,7 +900,7 @@ def headline_table(stats: SweepStats, primary: str, axes: Sequence[str]) -> list
     return lines
 
 
-def _command(root: Path, jobs: list[Job]) -> str:
+def run_command(root: Path, jobs: list[Job]) -> str:
     """The multirun's command line from ``multirun.yaml``, else "not recorded"."""
     for mdir in _multirun_dirs(root):
         try:
@@ -919,12 +919,12 @@ def reproducibility(
     """The auto-filled reproducibility section."""
     commits = sorted({str(j.metrics["git_commit"]) for j in jobs if j.metrics.get("git_commit")})
     values = {
-        a: sorted(results[OVERRIDE_PREFIX + a].fillna(UNSET).astype(str).unique(), key=_natural_key)
+        a: sorted(results[OVERRIDE_PREFIX + a].fillna(UNSET).astype(str).unique(), key=natural_key)
         for a in axes
     }
-    seeds = sorted({str(s) for s in results[SEED_KEY].dropna()}, key=_natural_key)
+    seeds = sorted({str(s) for s in results[SEED_KEY].dropna()}, key=natural_key)
     folds = (
-        sorted(results["override.data.fold"].dropna().astype(str).unique(), key=_natural_key)
+        sorted(results["override.data.fold"].dropna().astype(str).unique(), key=natural_key)
         if "override.data.fold" in results
         else []
     )
@@ -948,7 +948,7 @@ def reproducibility(
     lines = [
         "## Reproducibility",
         "",
-        f"- command: `{_command(root, jobs)}`",
+        f"- command: `{run_command(root, jobs)}`",
         "- git commit: " + (", ".join(f"`{c}`" for c in commits) if commits else "not recorded"),
         "- swept axes: "
         + ("; ".join(f"`{a}` ∈ {{{', '.join(v)}}}" for a, v in values.items()) or "none"),

@@ -503,12 +503,68 @@ def analyse_groups(
     return out
 
 
-def _reference(
+def reference_group(
     s: GroupStats, pattern: tuple[str, ...], stats: list[GroupStats]
 ) -> GroupStats | None:
     """The baseline group for ``s``: the pattern's values, and ``s``'s own on ``*`` axes."""
     want = tuple(v if b == "*" else b for b, v in zip(pattern, s.group))
     return next((g for g in stats if g.group == want), None)
+
+
+def compare_pair(s: GroupStats, ref: GroupStats, family: str, n_resamples: int) -> dict[str, Any]:
+    """One comparison of ``s`` with ``ref`` (successful runs only): the seed-level
+    permutation test and the paired example test (on test where every run has test
+    predictions, else val). Holm correction and the verdict come with :func:`decide`."""
+    a = [r for r in s.runs if r.ok]
+    b = [r for r in ref.runs if r.ok]
+    run_pairs = _pair_runs(a, b)
+    key = f"{s.label}|{ref.label}"
+    split = "test" if all("test" in r.splits for p in run_pairs for r in p) else "val"
+    ex = paired_example_test(run_pairs, split, key, n_resamples)
+    return {
+        "family": family,
+        "group": s.label,
+        "reference": ref.label,
+        "n_group": len(a),
+        "n_reference": len(b),
+        "diff_seeds": (s.ok_runs.mean - ref.ok_runs.mean),
+        "p_seeds": seed_permutation_test([r.score for r in a], [r.score for r in b], key),
+        "split": split if ex else "",
+        "seed_pairs": ex["pairs"] if ex else 0,
+        "examples": ex["examples"] if ex else 0,
+        "diff_examples": ex["diff"] if ex else math.nan,
+        "diff_low": ex["low"] if ex else math.nan,
+        "diff_high": ex["high"] if ex else math.nan,
+        "p_examples": ex["p"] if ex else math.nan,
+    }
+
+
+def decide(family_rows: list[dict[str, Any]], lower_is_better: bool) -> list[dict[str, Any]]:
+    """Holm-correct one family of :func:`compare_pair` rows in place and add the verdict
+    (``better`` / ``worse`` / ``not distinguishable`` / ``not testable``) and ``decided_by``."""
+    for col in ("p_examples", "p_seeds"):
+        adjusted = holm([r[col] for r in family_rows])
+        for r, p in zip(family_rows, adjusted):
+            r[col + "_holm"] = p
+    for r in family_rows:
+        # the paired example test decides where predictions exist (with 3 seeds a group,
+        # an exact permutation test over seeds cannot go below p = 0.1); else the seeds
+        p = r["p_examples_holm"] if not math.isnan(r["p_examples_holm"]) else r["p_seeds_holm"]
+        r["decided_by"] = (
+            "examples"
+            if not math.isnan(r["p_examples_holm"])
+            else "seeds"
+            if not math.isnan(p)
+            else ""
+        )
+        if math.isnan(p):
+            r["decision"] = "not testable"
+        elif p < ALPHA:
+            better = (r["diff_seeds"] < 0) == lower_is_better
+            r["decision"] = "better" if better else "worse"
+        else:
+            r["decision"] = "not distinguishable"
+    return family_rows
 
 
 def compare(
@@ -529,58 +585,11 @@ def compare(
         ("best", [(s, stats[0]) for s in stats if s is not stats[0]])
     ]
     if baseline is not None:
-        refs = [(s, _reference(s, baseline, stats)) for s in stats]
+        refs = [(s, reference_group(s, baseline, stats)) for s in stats]
         families.append(("baseline", [(s, r) for s, r in refs if r is not None and r is not s]))
     for family, members in families:
-        family_rows = []
-        for s, ref in members:
-            a = [r for r in s.runs if r.ok]
-            b = [r for r in ref.runs if r.ok]
-            run_pairs = _pair_runs(a, b)
-            key = f"{s.label}|{ref.label}"
-            split = "test" if all("test" in r.splits for p in run_pairs for r in p) else "val"
-            ex = paired_example_test(run_pairs, split, key, n_resamples)
-            p_seed = seed_permutation_test([r.score for r in a], [r.score for r in b], key)
-            row: dict[str, Any] = {
-                "family": f"vs {family}",
-                "group": s.label,
-                "reference": ref.label,
-                "n_group": len(a),
-                "n_reference": len(b),
-                "diff_seeds": (s.ok_runs.mean - ref.ok_runs.mean),
-                "p_seeds": p_seed,
-                "split": split if ex else "",
-                "seed_pairs": ex["pairs"] if ex else 0,
-                "examples": ex["examples"] if ex else 0,
-                "diff_examples": ex["diff"] if ex else math.nan,
-                "diff_low": ex["low"] if ex else math.nan,
-                "diff_high": ex["high"] if ex else math.nan,
-                "p_examples": ex["p"] if ex else math.nan,
-            }
-            family_rows.append(row)
-        for col in ("p_examples", "p_seeds"):
-            adjusted = holm([r[col] for r in family_rows])
-            for r, p in zip(family_rows, adjusted):
-                r[col + "_holm"] = p
-        for r in family_rows:
-            # the paired example test decides where predictions exist (with 3 seeds a group,
-            # an exact permutation test over seeds cannot go below p = 0.1); else the seeds
-            p = r["p_examples_holm"] if not math.isnan(r["p_examples_holm"]) else r["p_seeds_holm"]
-            r["decided_by"] = (
-                "examples"
-                if not math.isnan(r["p_examples_holm"])
-                else "seeds"
-                if not math.isnan(p)
-                else ""
-            )
-            if math.isnan(p):
-                r["decision"] = "not testable"
-            elif p < ALPHA:
-                better = (r["diff_seeds"] < 0) == lower_is_better
-                r["decision"] = "better" if better else "worse"
-            else:
-                r["decision"] = "not distinguishable"
-        rows += family_rows
+        family_rows = [compare_pair(s, ref, f"vs {family}", n_resamples) for s, ref in members]
+        rows += decide(family_rows, lower_is_better)
     by_label = {s.label: s for s in stats}
     stats[0].similar_to_best = "best"
     for r in rows:
