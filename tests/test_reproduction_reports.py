@@ -14,6 +14,7 @@ import yaml
 
 from nlp_transfer.sweeps.aggregate import COMPARISONS_CSV, aggregate
 from nlp_transfer.sweeps.paper import PAPER_MD, paper_comparison
+from nlp_transfer.sweeps.publish import publish
 from nlp_transfer.sweeps.stability import (
     GRAD_NORMS_PNG,
     STABILITY_MD,
@@ -130,3 +131,23 @@ def test_paper_comparison_needs_a_spec_and_a_swept_axis(tmp_path: Path) -> None:
     spec.write_text(yaml.safe_dump(bad))
     with pytest.raises(ValueError, match="not a swept axis"):
         paper_comparison(tmp_path / "sweep", spec)
+
+
+def test_publish_copies_reports_and_keeps_differing_files(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    for num, seed in enumerate([1, 2, 3]):
+        write_job(sweep / str(num), ["row=a"], seed, acc=0.9)
+    aggregate(sweep, n_resamples=100)
+    dest = tmp_path / "docs" / "results" / "x"
+    written = {p.name for p in publish(sweep, dest)}
+    assert {"summary.md", "results.csv", "comparisons.csv"} <= written
+    assert not any(dest.glob("*.npz")) and not (dest / "0").exists()
+    assert (dest / "summary.md").read_bytes() == (sweep / "summary.md").read_bytes()
+    assert publish(sweep, dest) == []  # identical files: nothing to do
+    (dest / "summary.md").write_text("a reader's edit")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        publish(sweep, dest)
+    assert (dest / "summary.md").read_text() == "a reader's edit"
+    assert dest / "summary.md" in publish(sweep, dest, overwrite=True)
+    with pytest.raises(FileNotFoundError, match="aggregate"):
+        publish(tmp_path / "docs", tmp_path / "out")
