@@ -18,7 +18,7 @@ from nlp_transfer.data.alignment import (
     plan_windows,
     subtoken_label_map_iob2,
 )
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.errors import ConfigError
 
 LONG_WORD = "supercalifragilisticexpialidocious"
 

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from nlp_transfer.builders import check_required
 from nlp_transfer.checkpoint import CheckpointError, read_checkpoint
 from nlp_transfer.data.classification import ClassificationDataModule
-from nlp_transfer.data.errors import ConfigError, DataError
+from nlp_transfer.errors import ConfigError, DataError
 from nlp_transfer.utils.resolvers import CONFIG_DIR
 
 
@@ -196,7 +196,7 @@ def test_switches_take_only_true_or_false(make_cfg, override: str, key: str) -> 
 def test_config_flag_accepts_booleans_and_a_default() -> None:
     import numpy as np
 
-    from nlp_transfer.data.errors import config_flag
+    from nlp_transfer.errors import config_flag
 
     assert config_flag(True, "k") is True and config_flag(np.bool_(False), "k") is False
     assert config_flag(None, "k", default=True) is True

@@ -27,8 +27,8 @@ import torch
 from nlp_transfer.builders import build_datamodule, build_encoder, build_module
 from nlp_transfer.checkpoint import CheckpointError
 from nlp_transfer.data.classification import ClassificationDataModule
-from nlp_transfer.data.errors import ConfigError, DataError
 from nlp_transfer.data.sequence_labeling import SequenceLabelingDataModule
+from nlp_transfer.errors import ConfigError, DataError
 from tests.conftest import FAST, compose_config
 
 LATIN1 = "café".encode("latin-1")  # b"caf\xe9": not UTF-8

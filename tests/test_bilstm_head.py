@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.heads import head_kwargs
 from nlp_transfer.heads.bilstm import BiLSTMTokenHead
 from nlp_transfer.train import train

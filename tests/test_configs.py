@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from nlp_transfer.builders import _missing_keys, check_required, plain_config
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.training.hardware import apply_hardware_settings
 from nlp_transfer.utils.resolvers import CONFIG_DIR
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from nlp_transfer.data.conll import Sentence, read_conll, read_hf_token_dataset, write_conll
-from nlp_transfer.data.errors import DataError
+from nlp_transfer.errors import DataError
 
 CONLL = """-DOCSTART- -X- -X- O
 

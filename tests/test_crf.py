@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.heads.crf import CRFHead, LinearChainCRF, allowed_transitions
 from nlp_transfer.heads.token import TokenHead
 

@@ -16,8 +16,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from nlp_transfer.builders import build_datamodule, build_encoder, build_module
-from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.encoders.transformer import TransformerEncoder
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.export import export
 from nlp_transfer.features import cache as cache_mod
 from nlp_transfer.features.cache import FeatureCache, cache_key, key_parts_from_encoder

@@ -11,7 +11,7 @@ from seqeval.metrics import sequence_labeling as lenient
 from seqeval.metrics import v1 as strict
 from seqeval.scheme import IOB2, IOBES
 
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.metrics.entity import EntityF1
 
 BIO = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]

@@ -19,9 +19,9 @@ from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from sklearn.metrics import f1_score as sk_f1
 
 from nlp_transfer.builders import build_datamodule, build_encoder
-from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.encoders.subword_pooling import SubwordPooling
 from nlp_transfer.encoders.transformer import TransformerEncoder
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.features.cache import FeatureCache, default_root
 from nlp_transfer.features.extract import FEATURES, feature_spec, get_features
 from nlp_transfer.features.sklearn_train import build_estimator, layer_choice
@@ -226,7 +226,7 @@ def test_sklearn_head_ner_metrics_equal_seqeval(make_cfg) -> None:
 
 
 def test_sklearn_head_refuses_a_training_checkpoint(make_cfg, tmp_path) -> None:
-    from nlp_transfer.data.errors import ConfigError
+    from nlp_transfer.errors import ConfigError
     from nlp_transfer.train import train
 
     cfg = make_cfg("head=logreg", f"ckpt_path={tmp_path / 'some.ckpt'}")

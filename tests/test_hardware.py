@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.encoders.fast_dropout import FastDropout
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.features.extract import resolve_precision as feature_precision
 from nlp_transfer.training import hardware
 from nlp_transfer.training.embedding_grad import EmbeddingGradBuffer

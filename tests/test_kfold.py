@@ -11,8 +11,8 @@ import pytest
 
 from nlp_transfer.data.base import check_folds
 from nlp_transfer.data.classification import ClassificationDataModule
-from nlp_transfer.data.errors import ConfigError, DataError
 from nlp_transfer.data.sequence_labeling import SequenceLabelingDataModule
+from nlp_transfer.errors import ConfigError, DataError
 from nlp_transfer.sweeps.aggregate import aggregate
 from nlp_transfer.train import train
 from nlp_transfer.utils.resolvers import PROJECT_ROOT

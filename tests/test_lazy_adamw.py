@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.train import train
 from nlp_transfer.training.lazy_adamw import LazyAdamW
 

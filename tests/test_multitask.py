@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from scipy.stats import chisquare
 
 from nlp_transfer.builders import build_encoder
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.multitask.datamodule import MultiTaskDataModule
 from nlp_transfer.multitask.module import MultiTaskModule
 from nlp_transfer.multitask.sampling import (

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nlp_transfer.data.errors import DataError
 from nlp_transfer.data.sequence_labeling import SequenceLabelingDataModule, split_words
+from nlp_transfer.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.encoders.transformer import packaged_minilm_dir
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.pretrain import pretrain
 from nlp_transfer.train import train
 

@@ -29,7 +29,7 @@ from omegaconf import open_dict
 from pytorch_lightning import Callback, LightningModule, Trainer
 
 from nlp_transfer.checkpoint import CheckpointError
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.train import _plan_run, _prepare_loggers, _trainer_plugins, train
 from nlp_transfer.training.checkpoint_io import AtomicCheckpointIO
 from nlp_transfer.training.progress_checkpoint import ProgressCheckpoint

@@ -22,7 +22,7 @@ from sklearn.metrics import f1_score as sk_f1
 from nlp_transfer.data.alignment import align_sentences
 from nlp_transfer.data.base import nested_subset
 from nlp_transfer.data.classification import ClassificationDataModule
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.train import train
 from nlp_transfer.training.predictions import (
     Predictions,

@@ -12,9 +12,9 @@ import torch
 from pytorch_lightning import Callback, LightningModule
 
 from nlp_transfer.builders import build_datamodule, build_encoder
-from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.data.padding import pad_to
 from nlp_transfer.data.sampler import LengthGroupedBatchSampler, lengths_of, padding_stats
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.train import train
 
 

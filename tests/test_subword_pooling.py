@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.encoders.subword_pooling import POOLING_MODES, SubwordPooling
+from nlp_transfer.errors import ConfigError
 
 
 def _reference(features: torch.Tensor, word_map: torch.Tensor, num_words: int, mode: str):

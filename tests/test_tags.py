@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from nlp_transfer.data.errors import ConfigError, DataError
-from nlp_transfer.data.tags import (
+from nlp_transfer.errors import ConfigError, DataError
+from nlp_transfer.tagging import (
     TagSchemeError,
     convert_tags,
     entities_from_iob2,

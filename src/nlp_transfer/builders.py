@@ -15,8 +15,8 @@ from pytorch_lightning import Callback
 from pytorch_lightning.loggers import Logger
 
 from nlp_transfer.data.base import TransferDataModule
-from nlp_transfer.data.errors import ConfigError, config_flag
 from nlp_transfer.encoders.base import Encoder
+from nlp_transfer.errors import ConfigError, config_flag
 from nlp_transfer.module import TransferModule
 from nlp_transfer.training.hardware import apply_hardware_settings
 

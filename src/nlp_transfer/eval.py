@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nlp_transfer.builders import check_required
 from nlp_transfer.checkpoint import read_checkpoint, restore, restore_options
-from nlp_transfer.data.errors import ConfigError, config_flag
+from nlp_transfer.errors import ConfigError, config_flag
 from nlp_transfer.training.hardware import apply_hardware_settings
 from nlp_transfer.utils.config_tree import print_config_tree
 from nlp_transfer.utils.io import atomic_write_json, guard_new_output

@@ -35,8 +35,8 @@ from transformers import PreTrainedModel
 from nlp_transfer.builders import build_datamodule, build_module, check_required
 from nlp_transfer.checkpoint import read_checkpoint, restore, restore_options
 from nlp_transfer.data.base import TransferDataModule, default_cache_dir
-from nlp_transfer.data.errors import config_flag
 from nlp_transfer.encoders.transformer import TransformerEncoder
+from nlp_transfer.errors import config_flag
 from nlp_transfer.module import TransferModule
 from nlp_transfer.safe_targets import check_stored_config
 from nlp_transfer.utils.io import (
@@ -375,7 +375,7 @@ def task_model_predictions(
     from transformers import AutoTokenizer
 
     from nlp_transfer.data.sequence_labeling import split_words
-    from nlp_transfer.data.tags import entities_from_tags, tags_from_entities
+    from nlp_transfer.tagging import entities_from_tags, tags_from_entities
 
     meta = json.loads((Path(path) / META).read_text(encoding="utf-8"))
     model = getattr(transformers, AUTO_CLASSES[meta["task"]]).from_pretrained(path).eval()

@@ -16,9 +16,9 @@ from pytorch_lightning import Callback, LightningModule
 from torch import nn
 
 from nlp_transfer.data.alignment import merge_window_predictions
-from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.encoders.base import Encoder
 from nlp_transfer.encoders.fast_dropout import swap_dropout
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.heads import head_kwargs
 from nlp_transfer.metrics.classification import PerClassReport, classification_metrics
 from nlp_transfer.metrics.entity import EntityF1

@@ -20,11 +20,11 @@ from nlp_transfer.builders import check_required
 from nlp_transfer.checkpoint import read_checkpoint, restore, restore_options
 from nlp_transfer.data.alignment import merge_window_predictions
 from nlp_transfer.data.conll import read_conll
-from nlp_transfer.data.errors import DataError, config_flag
 from nlp_transfer.data.readers import DEFAULT_ENCODING, decode_text, read_text_file
 from nlp_transfer.data.sequence_labeling import split_words
-from nlp_transfer.data.tags import entities_from_tags, tags_from_entities
+from nlp_transfer.errors import DataError, config_flag
 from nlp_transfer.module import TransferModule
+from nlp_transfer.tagging import entities_from_tags, tags_from_entities
 from nlp_transfer.utils.io import (
     checkpoint_run_dir,
     free_default_output,

@@ -38,7 +38,7 @@ from transformers import (
 
 from nlp_transfer.builders import build_callbacks, build_loggers, check_required, plain_config
 from nlp_transfer.data.base import check_megabatch_mult, grouped_loader
-from nlp_transfer.data.errors import ConfigError, DataError, config_flag
+from nlp_transfer.errors import ConfigError, DataError, config_flag
 from nlp_transfer.module import NO_DECAY, TransferModule
 from nlp_transfer.train import (
     _best_checkpoint_callback,

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, ListConfig
 from pytorch_lightning import seed_everything
 
 from nlp_transfer.builders import build_datamodule, build_encoder, check_required
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.features.extract import (
     SENTENCE,
     WORD,

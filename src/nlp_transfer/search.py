@@ -55,7 +55,7 @@ from optuna.trial import TrialState
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.trainer.states import TrainerFn
 
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.sweeps.job import _uses_subprocess_ddp, gpu_slot, set_wandb_names
 from nlp_transfer.utils.io import atomic_write_json
 from nlp_transfer.utils.resolvers import CONFIG_DIR

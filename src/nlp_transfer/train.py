@@ -48,7 +48,7 @@ from nlp_transfer.checkpoint import (
     check_fits,
     read_checkpoint,
 )
-from nlp_transfer.data.errors import ConfigError, config_flag
+from nlp_transfer.errors import ConfigError, config_flag
 from nlp_transfer.safe_targets import config_targets
 from nlp_transfer.training.determinism import set_deterministic_fill
 from nlp_transfer.training.hardware import apply_hardware_settings, metrics_record

@@ -1,6 +1,6 @@
 """Config checks run once at the start of a training run, before anything is built.
 
-Each failure is a :class:`~nlp_transfer.data.errors.ConfigError` naming the config key and
+Each failure is a :class:`~nlp_transfer.errors.ConfigError` naming the config key and
 what would be valid. Components declare their task as a class attribute (``task`` on the
 datamodules and heads), so the head/data check reads the classes, not a table of names.
 """
@@ -15,7 +15,7 @@ from typing import Any
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig
 
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.errors import ConfigError
 
 TASKS = ("classification", "sequence_labeling")
 # validation metrics each task logs; a monitor from the other task's list never appears

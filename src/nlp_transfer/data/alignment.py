@@ -49,8 +49,8 @@ from typing import Any
 
 import torch
 
-from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.data.padding import pad_to
+from nlp_transfer.errors import ConfigError
 
 IGNORE_INDEX = -100
 

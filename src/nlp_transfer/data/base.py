@@ -16,7 +16,6 @@ from datasets import Dataset
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
-from nlp_transfer.data.errors import ConfigError, DataError, config_flag
 from nlp_transfer.data.labels import LabelVocab
 from nlp_transfer.data.readers import find_split_file
 from nlp_transfer.data.sampler import (
@@ -24,6 +23,7 @@ from nlp_transfer.data.sampler import (
     LengthGroupedBatchSampler,
     lengths_of,
 )
+from nlp_transfer.errors import ConfigError, DataError, config_flag
 
 log = logging.getLogger(__name__)
 

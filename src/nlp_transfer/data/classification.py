@@ -9,9 +9,9 @@ import torch
 from datasets import Dataset
 
 from nlp_transfer.data.base import TransferDataModule
-from nlp_transfer.data.errors import DataError
 from nlp_transfer.data.padding import pad_to
 from nlp_transfer.data.readers import DEFAULT_ENCODING, Example, read_classification_file
+from nlp_transfer.errors import DataError
 
 
 class ClassificationDataModule(TransferDataModule):

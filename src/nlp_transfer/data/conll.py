@@ -20,10 +20,10 @@ two-column file). Any other line is data: a sentence-initial ``#hashtag O`` stay
 Skipped comment lines are counted and logged as a warning with the first ``file:line``;
 ``comment_prefix=None`` disables comments. Columns are numbered from 0 (negative numbers count
 from the end); line numbers are 1-based. Errors are
-:class:`~nlp_transfer.data.errors.DataError` naming ``file:line``.
+:class:`~nlp_transfer.errors.DataError` naming ``file:line``.
 
 Tags are returned as they are in the file; check/repair them with
-:func:`nlp_transfer.data.tags.validate_tags`, passing ``sentence.source`` and
+:func:`nlp_transfer.tagging.validate_tags`, passing ``sentence.source`` and
 ``sentence.line_numbers`` so that messages point at the right line.
 """
 
@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nlp_transfer.data.errors import DataError, where
 from nlp_transfer.data.readers import decode_text
+from nlp_transfer.errors import DataError, where
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from nlp_transfer.data.errors import DataError
+from nlp_transfer.errors import DataError
 
 
 class LabelVocab:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nlp_transfer.data.errors import DataError
+from nlp_transfer.errors import DataError
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 DEFAULT_ENCODING = "utf-8-sig"

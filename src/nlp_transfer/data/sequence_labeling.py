@@ -19,8 +19,8 @@ import torch
 from nlp_transfer.data.alignment import align_sentences, collate_aligned, subtoken_label_map_iob2
 from nlp_transfer.data.base import TransferDataModule
 from nlp_transfer.data.conll import Sentence, read_conll, read_hf_token_dataset
-from nlp_transfer.data.errors import ConfigError, DataError
-from nlp_transfer.data.tags import POLICIES, convert_tags, normalize_scheme, validate_tags
+from nlp_transfer.errors import ConfigError, DataError
+from nlp_transfer.tagging import POLICIES, convert_tags, normalize_scheme, validate_tags
 
 WORD_RE = re.compile(r"\w+(?:[-'’.]\w+)*|[^\w\s]", re.UNICODE)
 

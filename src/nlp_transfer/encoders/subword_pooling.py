@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.errors import ConfigError
 
 POOLING_MODES: tuple[str, ...] = ("first", "last", "mean", "first_last")
 

@@ -31,9 +31,9 @@ from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from nlp_transfer.data.base import TransferDataModule, grouped_loader, overfitting
-from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.data.sampler import DEFAULT_MEGABATCH_MULT, lengths_of
 from nlp_transfer.encoders.base import Encoder
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.features.cache import FeatureCache
 from nlp_transfer.features.extract import (
     FEATURES,

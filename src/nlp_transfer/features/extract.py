@@ -41,9 +41,9 @@ import torch
 from omegaconf import DictConfig
 
 from nlp_transfer.data.base import TransferDataModule
-from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.encoders.base import Encoder
 from nlp_transfer.encoders.subword_pooling import POOLING_MODES, SubwordPooling
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.features.cache import (
     FeatureCache,
     _progress_bar,

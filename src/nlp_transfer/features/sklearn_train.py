@@ -33,7 +33,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from nlp_transfer.builders import build_datamodule, build_encoder, plain_config
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.features.extract import (
     FEATURES,
     SENTENCE,

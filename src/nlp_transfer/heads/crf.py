@@ -39,9 +39,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from nlp_transfer.data.errors import ConfigError
-from nlp_transfer.data.tags import PREFIXES, normalize_scheme, split_tag
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.heads.token import IGNORE_INDEX, build_classifier
+from nlp_transfer.tagging import PREFIXES, normalize_scheme, split_tag
 
 FORBIDDEN = -10000.0
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.errors import ConfigError
 
 IGNORE_INDEX = -100
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.errors import ConfigError
 
 _DEFAULT_PREFIXES = frozenset("BIESO")
 _STRICT_SCHEMES = {"IOB2": "IOB2", "BIO": "IOB2", "IOBES": "BIOES", "BIOES": "BIOES"}

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.errors import ConfigError
 
 PREFIX = "private_"
 

@@ -36,8 +36,8 @@ from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
 from nlp_transfer.data.base import Collate, TransferDataModule
-from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.data.sampler import DEFAULT_MEGABATCH_MULT, lengths_of
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.multitask.sampling import (
     GroupedShardSampler,
     ShardSampler,

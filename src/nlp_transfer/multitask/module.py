@@ -30,8 +30,8 @@ import torch
 from pytorch_lightning import LightningModule
 from torch import nn
 
-from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.encoders.base import Encoder
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.heads import head_kwargs
 from nlp_transfer.metrics.classification import PerClassReport, classification_metrics
 from nlp_transfer.metrics.entity import EntityF1

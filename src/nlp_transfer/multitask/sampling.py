@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from nlp_transfer.data.errors import ConfigError
 from nlp_transfer.data.sampler import DEFAULT_MEGABATCH_MULT, LengthGroupedBatchSampler
+from nlp_transfer.errors import ConfigError
 
 POLICIES = ("proportional", "temperature", "round_robin")
 

@@ -41,11 +41,11 @@ from pytorch_lightning import seed_everything
 from nlp_transfer.builders import build_encoder, plain_config
 from nlp_transfer.checkpoint import check_fits, read_checkpoint
 from nlp_transfer.data.base import TransferDataModule
-from nlp_transfer.data.errors import ConfigError, config_flag
-from nlp_transfer.data.tags import normalize_scheme
 from nlp_transfer.encoders.base import Encoder
+from nlp_transfer.errors import ConfigError, config_flag
 from nlp_transfer.multitask.datamodule import MultiTaskDataModule
 from nlp_transfer.multitask.module import MultiTaskModule, TaskSpec
+from nlp_transfer.tagging import normalize_scheme
 from nlp_transfer.train import (
     _plan_run,
     fit_and_score,

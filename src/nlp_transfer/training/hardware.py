@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nlp_transfer.data.errors import ConfigError, config_flag
+from nlp_transfer.errors import ConfigError, config_flag
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from nlp_transfer.data.errors import ConfigError
+from nlp_transfer.errors import ConfigError
 
 
 class LazyAdamW(torch.optim.AdamW):

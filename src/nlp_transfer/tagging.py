@@ -21,7 +21,7 @@ Decoding of ill-formed sequences is lenient and conlleval-like: a continuation t
 ``E-X`` in BIOES) that does not continue an open ``X`` entity starts a new one. That is the
 repair ``validate_tags(..., policy="convert")`` applies (``O I-PER`` becomes ``O B-PER``).
 
-Errors are :class:`TagSchemeError` (a :class:`~nlp_transfer.data.errors.DataError`) whose
+Errors are :class:`TagSchemeError` (a :class:`~nlp_transfer.errors.DataError`) whose
 message starts with ``file:line`` when ``source`` / ``line_numbers`` are given.
 """
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
-from nlp_transfer.data.errors import ConfigError, DataError
+from nlp_transfer.errors import ConfigError, DataError
 
 SCHEMES: tuple[str, ...] = ("IOB1", "IOB2", "BIOES")
 _ALIASES = {"IOB1": "IOB1", "IOB2": "IOB2", "BIO": "IOB2", "BIOES": "BIOES", "IOBES": "BIOES"}
