@@ -560,7 +560,10 @@ def decide(family_rows: list[dict[str, Any]], lower_is_better: bool) -> list[dic
         if math.isnan(p):
             r["decision"] = "not testable"
         elif p < ALPHA:
-            better = (r["diff_seeds"] < 0) == lower_is_better
+            # the direction of the test that decided (the example test scores the test
+            # split, diff_seeds the primary val metric: their signs can differ)
+            diff = r["diff_examples"] if r["decided_by"] == "examples" else r["diff_seeds"]
+            better = (diff < 0) == lower_is_better
             r["decision"] = "better" if better else "worse"
         else:
             r["decision"] = "not distinguishable"
