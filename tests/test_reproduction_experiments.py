@@ -1,4 +1,5 @@
-"""The shipped reproduction experiments (BERT Table 7, fine-tuning stability): configs compose into the papers' rows (fast), and each multirun runs
+"""The shipped reproduction experiments (BERT Table 7, fine-tuning stability, the ULMFiT
+classifier ablation): configs compose into the papers' rows (fast), and each multirun runs
 end to end on a tiny slice with the tiny encoder and writes its reports (slow)."""
 
 from __future__ import annotations
@@ -107,6 +108,31 @@ def test_stability_recipes_compose(recipe: str) -> None:
     assert len(str(params.seed).split(",")) >= 10
 
 
+CLASSIFIER_ROWS = {
+    # row: (strategy class, scheduler, cached features)
+    "head_only": ("FrozenEncoder", "constant", True),
+    "full": ("FullFineTuning", "constant", False),
+    "discr": ("LLRD", "constant", False),
+    "gradual": ("GradualUnfreeze", "constant", False),
+    "stlr": ("GradualUnfreeze", "slanted_triangular_schedule", False),
+    "lp_ft": ("LPFT", "constant", False),
+}
+
+
+@pytest.mark.parametrize("row", list(CLASSIFIER_ROWS))
+def test_classifier_finetuning_rows_compose(row: str) -> None:
+    cfg = _compose("experiment=classifier_finetuning", f"classifier_row={row}")
+    strategy, scheduler, cached = CLASSIFIER_ROWS[row]
+    assert cfg.strategy._target_.endswith(strategy)
+    assert cfg.scheduler._target_.endswith(scheduler)
+    assert cfg.features.cache is cached
+    if row in ("gradual", "stlr"):
+        assert cfg.strategy.unit == "step" and cfg.strategy.lr_decay == pytest.approx(0.9)
+    if row == "discr":
+        assert cfg.strategy.decay == pytest.approx(0.9)
+    assert cfg.paper.axis == "classifier_row" and "stlr" in cfg.paper.scores
+
+
 @pytest.mark.slow
 def test_stability_multirun_end_to_end(tmp_path: Path, shared_data: Path) -> None:
     sweep = tmp_path / "sweep"
@@ -125,3 +151,23 @@ def test_stability_multirun_end_to_end(tmp_path: Path, shared_data: Path) -> Non
         assert f"| {recipe} | 40 |" in report and f"| {recipe} | 80 |" in report
     assert "Against the baseline" in report
     assert (sweep / "grad_norms.png").is_file() and (sweep / "stability.csv").is_file()
+
+
+@pytest.mark.slow
+def test_classifier_finetuning_multirun_end_to_end(tmp_path: Path, shared_data: Path) -> None:
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable, "-m", "nlp_transfer.train", "-m", "experiment=classifier_finetuning",
+        "encoder=tiny", "data.max_train_examples=64", "data.max_eval_examples=40",
+        "classifier_finetuning.unfreeze_every=1", "trainer.max_epochs=2", "seed=1,2",
+        "extras.print_config=false", "trainer.enable_progress_bar=false",
+        f"data.data_dir={shared_data / 'sst2'}", f"paths.log_dir={tmp_path}",
+        f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    summary = (sweep / "summary.md").read_text()
+    for row in CLASSIFIER_ROWS:
+        assert f"| {row} |" in summary
+    _run_report("nlp_transfer.sweeps.paper", sweep)
+    assert "Howard & Ruder (2018)" in (sweep / "paper.md").read_text()
