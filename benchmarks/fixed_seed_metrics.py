@@ -37,7 +37,7 @@ RUNS: dict[str, list[str]] = {
     "sklearn_logreg": ["experiment=demo_classification", "strategy=frozen", "head=logreg"],
 }
 # metrics that name the run's folder or time, not its behaviour
-VOLATILE = ("checkpoint", "time", "_s", "dir", "path", "date", "host", "version")
+VOLATILE = ("checkpoint", "time", "_s", "dir", "path", "date", "host", "version", "git_")
 
 
 def _run(overrides: list[str], run_dir: Path) -> dict[str, Any]:
@@ -77,12 +77,13 @@ def compare(before: dict[str, dict[str, str]], after: dict[str, dict[str, str]])
     differing = 0
     for run in sorted(set(before) | set(after)):
         b, a = before.get(run, {}), after.get(run, {})
-        for key in sorted(set(b) | set(a)):
+        keys = [k for k in sorted(set(b) | set(a)) if not any(tag in k for tag in VOLATILE)]
+        for key in keys:
             if b.get(key) != a.get(key):
                 differing += 1
                 print(f"DIFF {run} {key}: before {b.get(key)} after {a.get(key)}")
-        same = sum(1 for k in b if b.get(k) == a.get(k))
-        print(f"{run}: {same}/{len(set(b) | set(a))} metrics bit-identical")
+        same = sum(1 for k in keys if b.get(k) == a.get(k))
+        print(f"{run}: {same}/{len(keys)} metrics bit-identical")
     return differing
 
 

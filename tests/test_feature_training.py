@@ -90,6 +90,14 @@ def test_cache_needs_a_frozen_encoder(make_cfg) -> None:
         train(make_cfg("strategy=full", "features.cache=true"))
 
 
+@pytest.mark.parametrize("strategy", ["lp_ft", "gradual_unfreeze"])
+def test_cache_refused_for_an_encoder_that_trains_later(make_cfg, strategy: str) -> None:
+    """LP-FT and gradual unfreezing start frozen, but their encoder trains in a later stage:
+    cached features would leave it training on nothing."""
+    with pytest.raises(ConfigError, match=f"strategy={strategy}, whose encoder trains later"):
+        train(make_cfg(f"strategy={strategy}", "features.cache=true"))
+
+
 def test_cli_default_root_is_the_configs_cache_dir(monkeypatch: pytest.MonkeyPatch) -> None:
     """``python -m nlp_transfer.features.cache list`` looks where runs write by default."""
 

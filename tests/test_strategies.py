@@ -18,9 +18,11 @@ from nlp_transfer.strategies.base import TransferStrategy, param_layer_index
 from nlp_transfer.strategies.gradual import GradualUnfreeze, GradualUnfreezing
 from nlp_transfer.strategies.llrd import LLRD
 from nlp_transfer.strategies.lora import LoRA, merge
+from nlp_transfer.strategies.lp_ft import LPFT
 from nlp_transfer.strategies.partial import EmbeddingsOnly, Layers, TopK
 from nlp_transfer.strategies.reinit import ReinitTopK
 from nlp_transfer.strategies.simple import FrozenEncoder, FullFineTuning
+from nlp_transfer.training.param_groups import torch_param_groups
 from nlp_transfer.training.slanted_triangular import slanted_triangular_schedule
 from tests.conftest import quiet_trainer
 
@@ -82,15 +84,15 @@ class TinyModule(pl.LightningModule):
         return self.loss(batch)
 
     def optimizer_groups(self) -> list[dict[str, Any]]:
-        groups = []
-        for g in self.spec.groups:
-            params = [p for p in g.params if p.requires_grad or self.frozen_in_optimizer]
-            if params:
-                groups.append({"params": params, "lr": LR * g.lr_scale, "name": g.name})
-        return groups
+        return torch_param_groups(
+            self.spec.groups,
+            {id(p): n for n, p in self.named_parameters()},
+            {"lr": LR, "weight_decay": 0.01},
+            params=[p for p in self.parameters() if p.requires_grad or self.frozen_in_optimizer],
+        )
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(self.optimizer_groups(), weight_decay=0.01)
+        optimizer = torch.optim.AdamW(self.optimizer_groups(), lr=LR, weight_decay=0.01)
         if not self.schedule:
             return optimizer
         steps = int(self.trainer.estimated_stepping_batches)
@@ -182,6 +184,22 @@ def test_trainable_parameters(tiny_encoder: TransformerEncoder, preset: str) -> 
     for prefix in ("head.", "aux_heads.", "layer_pooling."):  # always train
         assert all(n in diff for n in before if n.startswith(prefix)), prefix
     assert module.spec.frozen_encoder == (preset == "frozen")
+    assert factory().encoder_training == ("never" if preset == "frozen" else "always")
+
+
+def test_encoder_training_is_declared_and_wrappers_delegate() -> None:
+    """never / later / always, not one boolean: the two-stage presets start frozen but train
+    their encoder later; wrappers (LLRD, re-init) report their base's state."""
+    assert (FrozenEncoder().encoder_training, FrozenEncoder().frozen_encoder) == ("never", True)
+    assert (LPFT().encoder_training, LPFT().frozen_encoder) == ("later", True)
+    assert (GradualUnfreeze().encoder_training, GradualUnfreeze().frozen_encoder) == (
+        "later",
+        False,
+    )
+    assert GradualUnfreeze(initial_groups=2).encoder_training == "always"
+    assert LLRD(decay=0.9, base=FrozenEncoder()).encoder_training == "never"
+    assert ReinitTopK(1, base=LPFT()).encoder_training == "later"
+    assert ReinitTopK(1, base=LPFT()).frozen_encoder and not LLRD(decay=0.9).frozen_encoder
 
 
 def test_llrd_group_learning_rates(tiny_encoder: TransformerEncoder) -> None:
@@ -196,9 +214,10 @@ def test_llrd_group_learning_rates(tiny_encoder: TransformerEncoder) -> None:
         "encoder.embeddings": 0.0625,
     }
     optimizer = train_steps(module, steps=1)
-    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {
-        k: LR * v for k, v in scales.items()
-    }
+    # each strategy group is split by the weight-decay rule into <name> and <name>/no_decay
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert {name.removesuffix("/no_decay") for name in lrs} == set(scales)
+    assert lrs == {name: LR * scales[name.removesuffix("/no_decay")] for name in lrs}
     # every encoder parameter is in exactly one group (the unused BERT pooler is removed)
     assert module.encoder.model.pooler is None
     grouped = [id(p) for g in module.spec.groups if g.name.startswith("encoder") for p in g.params]

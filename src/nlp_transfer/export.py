@@ -198,9 +198,7 @@ def _task_model(module: TransferModule, mapped: TaskHead) -> PreTrainedModel:
 def export_module(module: TransferModule, out_dir: str | Path) -> Path:
     out = guard_new_output(out_dir, "export directory")
     encoder = module.encoder
-    merge = getattr(module.strategy, "merge_for_export", None)
-    if callable(merge):
-        merge(module)  # e.g. LoRA adapters folded into the base weights
+    module.strategy.merge_for_export(module)  # e.g. LoRA adapters folded into the base weights
     if not isinstance(encoder, TransformerEncoder):
         raise ExportError(f"export supports transformers encoders, not {type(encoder).__name__}")
     out.mkdir(parents=True, exist_ok=True)

@@ -25,11 +25,10 @@ from nlp_transfer.metrics.entity import EntityF1
 from nlp_transfer.strategies.base import TrainableSpec, TransferStrategy
 from nlp_transfer.training.embedding_grad import EmbeddingGradBuffer, uses_lazy_optimizer
 from nlp_transfer.training.grad_norm import total_norm
+from nlp_transfer.training.param_groups import optimizer_defaults, torch_param_groups
 from nlp_transfer.training.schedulers import with_step_schedule
 
 log = logging.getLogger(__name__)
-
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
 def _clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -253,33 +252,13 @@ class TransferModule(LightningModule):
         feats, mask = self.encode(batch)
         return self.head(feats, mask), mask
 
-    # -- auxiliary heads (strategy=auxiliary) -------------------------------------------------
+    # -- auxiliary heads (their losses: strategy=auxiliary) ------------------------------------
     def make_aux_head(self) -> nn.Module:
         """A head like the main one, reading one raw encoder layer (no layer pooling)."""
         size = self.encoder.hidden_size
         if self.subword_pooling is not None:
             size = self.subword_pooling.output_size(size)
         return self.head_factory(**{**self.head_kwargs, "input_size": size})
-
-    def aux_losses(
-        self, hidden: tuple[torch.Tensor, ...], batch: dict[str, torch.Tensor], stage: str
-    ) -> torch.Tensor:
-        """Sum of the auxiliary heads' losses; logs each head's loss (and accuracy)."""
-        total = hidden[-1].new_zeros((), dtype=torch.float32)
-        labels = batch["labels"]
-        for name, aux in self.aux_heads.items():
-            feats, mask = self.to_words(hidden[int(name.split("_")[-1])], batch)
-            logits = aux(feats, mask)
-            loss = aux.loss(logits, labels, mask)
-            total = total + loss
-            kw: dict[str, Any] = {"on_epoch": True, "batch_size": labels.shape[0]}
-            self.log(f"{stage}/aux/{name}/loss", loss, **kw)
-            if stage != "train":
-                preds = aux.decode(logits, mask)
-                keep = labels != -100
-                acc = (preds[keep] == labels[keep]).float().mean()
-                self.log(f"{stage}/aux/{name}/acc", acc, **kw)
-        return total
 
     # -- steps -----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -295,13 +274,9 @@ class TransferModule(LightningModule):
         else:
             hidden, feats, mask = self.encode_all(batch)
             loss = self.head.loss(self.head(feats, mask), batch["labels"], mask)
-        if len(self.aux_heads):
-            weight = self.strategy.aux_weight(
-                self.global_step, self.trainer.estimated_stepping_batches
-            )
-            self.log("train/aux_weight", weight, on_step=True, on_epoch=False)
-            if weight > 0:
-                loss = loss + weight * self.aux_losses(hidden, batch, "train")
+        extra = self.strategy.extra_loss(self, hidden, batch, "train")
+        if extra is not None:
+            loss = loss + extra
         if self.checks_finite_loss_now(loss) and not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at global step {self.global_step} "
@@ -335,8 +310,7 @@ class TransferModule(LightningModule):
         labels = batch["labels"]
         loss = self.head.loss(logits, labels, mask)
         self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=labels.shape[0], sync_dist=True)
-        if len(self.aux_heads):
-            self.aux_losses(hidden, batch, stage)
+        self.strategy.extra_loss(self, hidden, batch, stage)
         preds = self.head.decode(logits, mask)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         if self.task == "classification":
@@ -431,26 +405,15 @@ class TransferModule(LightningModule):
 
     # -- optimisation ----------------------------------------------------------------------
     def optimizer_groups(self) -> list[dict[str, Any]]:
-        """One optimizer group per strategy group (split into decay / no-decay)."""
-        base_lr = float(self.optimizer_factory.keywords.get("lr", 1e-3))
-        wd_default = float(self.optimizer_factory.keywords.get("weight_decay", 0.0))
-        names = {id(p): n for n, p in self.named_parameters()}
-        groups = []
-        for g in self.spec.groups:
-            params = [p for p in g.params if p.requires_grad]
-            decay = [p for p in params if not names.get(id(p), "").endswith(NO_DECAY)]
-            no_decay = [p for p in params if names.get(id(p), "").endswith(NO_DECAY)]
-            wd = wd_default if g.weight_decay is None else g.weight_decay
-            for suffix, ps, w in (("", decay, wd), ("/no_decay", no_decay, 0.0)):
-                if ps:
-                    groups.append(
-                        {
-                            "params": ps,
-                            "lr": base_lr * g.lr_scale,
-                            "weight_decay": w,
-                            "name": g.name + suffix,
-                        }
-                    )
+        """The optimizer's groups at the start: the trainable parameters of every strategy
+        group (:func:`~nlp_transfer.training.param_groups.torch_param_groups`); parameters
+        frozen now join later, through the callback that unfreezes them."""
+        groups = torch_param_groups(
+            self.spec.groups,
+            {id(p): n for n, p in self.named_parameters()},
+            optimizer_defaults(self.optimizer_factory),
+            params=[p for p in self.parameters() if p.requires_grad],
+        )
         if not groups:
             raise ValueError(f"strategy '{self.strategy.name}' leaves no trainable parameter")
         return groups

@@ -39,7 +39,8 @@ from transformers import (
 from nlp_transfer.builders import build_callbacks, build_loggers, check_required, plain_config
 from nlp_transfer.data.base import check_megabatch_mult, grouped_loader
 from nlp_transfer.errors import ConfigError, DataError, config_flag
-from nlp_transfer.module import NO_DECAY, TransferModule
+from nlp_transfer.module import TransferModule
+from nlp_transfer.strategies.base import ParamGroup
 from nlp_transfer.train import (
     _best_checkpoint_callback,
     _finish_loggers,
@@ -49,6 +50,7 @@ from nlp_transfer.train import (
 )
 from nlp_transfer.training.hardware import apply_hardware_settings, metrics_record
 from nlp_transfer.training.loop_state import ResumeState
+from nlp_transfer.training.param_groups import optimizer_defaults, torch_param_groups
 from nlp_transfer.training.schedulers import with_step_schedule
 from nlp_transfer.utils.config_tree import print_config_tree
 from nlp_transfer.utils.io import atomic_write_json, guard_new_output
@@ -284,14 +286,13 @@ class MaskedLMModule(LightningModule):
         checkpoint["nlp_transfer"] = {"labels": [], "task": "mlm", "config": self.run_config}
 
     def configure_optimizers(self) -> Any:
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if any(k in name for k in NO_DECAY) else decay).append(p)
-        wd = float(self.optimizer_factory.keywords.get("weight_decay", 0.0))
-        optimizer = self.optimizer_factory(
-            [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        groups = torch_param_groups(
+            [ParamGroup("model", [p for _, p in trainable])],
+            {id(p): n for n, p in trainable},
+            optimizer_defaults(self.optimizer_factory),
         )
+        optimizer = self.optimizer_factory(groups)
         return with_step_schedule(
             optimizer, self.scheduler_factory, self.trainer.estimated_stepping_batches
         )

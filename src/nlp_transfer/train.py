@@ -304,7 +304,7 @@ def fit_and_score(
         metrics.update(_final_metrics(trainer.test(module, datamodule=datamodule, **evaluate)))
         metrics.update(module.last_test_report)
     metrics = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
-    metrics.update(getattr(module, "stage_metrics", {}))  # e.g. LP-FT's stage-1 (lp/...) scores
+    metrics.update(module.strategy.stage_metrics())  # e.g. LP-FT's stage-1 (lp/...) scores
     metrics.update(
         {
             "best_checkpoint": str(Path(best).resolve()) if best else None,

@@ -253,11 +253,12 @@ def wrap_with_feature_cache(
 ) -> CachedFeatureDataModule:
     """``datamodule`` reading cached features; only for a frozen encoder (ConfigError else)."""
     strategy = instantiate(cfg.strategy)
-    if not getattr(strategy, "frozen_encoder", False):
+    if strategy.encoder_training != "never":
         raise ConfigError(
-            f"features.cache=true needs a frozen encoder (strategy=frozen), not strategy="
-            f"{getattr(strategy, 'name', type(strategy).__name__)}: the encoder would no longer "
-            "see the data it trains on. Drop features.cache=true or use strategy=frozen."
+            f"features.cache=true needs an encoder that never trains (strategy=frozen), not "
+            f"strategy={strategy.name}, whose encoder trains {strategy.encoder_training}: it "
+            "would no longer see the data it trains on. Drop features.cache=true or use "
+            "strategy=frozen."
         )
     spec = feature_spec(cfg, datamodule.task)
     sub = (cfg.get("subword_pooling") or {}).get("mode")

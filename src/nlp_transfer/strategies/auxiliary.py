@@ -11,9 +11,11 @@ predictions and never exported.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from nlp_transfer.strategies.base import ParamGroup, TransferStrategy, set_requires_grad
+import torch
+
+from nlp_transfer.strategies.base import TransferStrategy, set_requires_grad
 
 if TYPE_CHECKING:
     from nlp_transfer.module import TransferModule
@@ -62,8 +64,45 @@ class Auxiliary(TransferStrategy):
                 module.aux_heads[name] = module.make_aux_head()
         set_requires_grad(module, True)
 
-    def param_groups(self, module: TransferModule) -> list[ParamGroup]:
-        return super().param_groups(module)  # encoder | heads (main + auxiliary)
+    def extra_loss(
+        self,
+        module: TransferModule,
+        hidden: tuple[torch.Tensor, ...],
+        batch: dict[str, torch.Tensor],
+        stage: str,
+    ) -> torch.Tensor | None:
+        """``λ · Σ`` auxiliary losses in training; on val/test the heads' losses and
+        accuracies are logged and nothing is returned."""
+        if stage == "train":
+            weight = self.aux_weight(module.global_step, module.trainer.estimated_stepping_batches)
+            module.log("train/aux_weight", weight, on_step=True, on_epoch=False)
+            return weight * self.aux_losses(module, hidden, batch, stage) if weight > 0 else None
+        self.aux_losses(module, hidden, batch, stage)
+        return None
+
+    def aux_losses(
+        self,
+        module: TransferModule,
+        hidden: tuple[torch.Tensor, ...],
+        batch: dict[str, torch.Tensor],
+        stage: str,
+    ) -> torch.Tensor:
+        """Sum of the auxiliary heads' losses; logs each head's loss (and accuracy)."""
+        total = hidden[-1].new_zeros((), dtype=torch.float32)
+        labels = batch["labels"]
+        for name, aux in module.aux_heads.items():
+            feats, mask = module.to_words(hidden[int(name.split("_")[-1])], batch)
+            logits = aux(feats, mask)
+            loss = aux.loss(logits, labels, mask)
+            total = total + loss
+            kw: dict[str, Any] = {"on_epoch": True, "batch_size": labels.shape[0]}
+            module.log(f"{stage}/aux/{name}/loss", loss, **kw)
+            if stage != "train":
+                preds = aux.decode(logits, mask)
+                keep = labels != -100
+                acc = (preds[keep] == labels[keep]).float().mean()
+                module.log(f"{stage}/aux/{name}/acc", acc, **kw)
+        return total
 
     def aux_weight(self, step: int, total_steps: float) -> float:
         """λ at optimizer step ``step`` of ``total_steps``."""

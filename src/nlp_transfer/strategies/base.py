@@ -3,19 +3,32 @@
 A strategy compiles into a :class:`TrainableSpec` for a given module. The module applies
 the spec (``requires_grad`` flags, optimizer parameter groups) and registers the
 strategy's callbacks, so every preset is plain data plus at most one callback.
+
+The hooks a module, ``train`` and ``export`` call are declared on :class:`TransferStrategy`
+with defaults, so a new strategy overrides only what it changes: :meth:`apply`,
+:meth:`param_groups`, :meth:`callbacks`, :attr:`encoder_training` (``never | later |
+always``), :attr:`frozen_encoder`, :meth:`extra_loss`, :meth:`merge_for_export` and
+:meth:`stage_metrics`.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pytorch_lightning import Callback
 from torch import nn
 
 if TYPE_CHECKING:
+    import torch
+
     from nlp_transfer.module import TransferModule
+
+EncoderTraining = Literal["never", "later", "always"]
+"""When encoder parameters train: ``never`` (feature extraction), ``later`` (frozen at the
+start, unfrozen by the strategy's callback) or ``always`` (some train from the first step)."""
+ENCODER_TRAINING: tuple[str, ...] = get_args(EncoderTraining)
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +45,19 @@ class ParamGroup:
 
 @dataclass
 class TrainableSpec:
-    """What a strategy decides: groups that train now, and everything else stays frozen.
+    """What a strategy decides: its parameter groups, encoder state and callbacks.
 
     ``groups`` lists every parameter group the optimizer will know about, including those
     frozen at the start but unfrozen later by a callback (their params have
-    ``requires_grad=False`` until then; AdamW skips parameters whose grad is ``None``).
+    ``requires_grad=False`` until then). The optimizer starts with the trainable ones only;
+    the callback that unfreezes the others adds them with the same LR scale and weight-decay
+    rule (:mod:`nlp_transfer.training.param_groups`).
     """
 
     groups: list[ParamGroup] = field(default_factory=list)
-    frozen_encoder: bool = False  # encoder kept in eval mode (no dropout) and no_grad
+    # the encoder runs in eval mode (no dropout) under no_grad *now*; a callback may switch
+    # it off (LP-FT's second stage). Whether it may ever train: TransferStrategy.encoder_training
+    frozen_encoder: bool = False
     callbacks: list[Callback] = field(default_factory=list)
 
 
@@ -74,8 +91,38 @@ class TransferStrategy:
         return []
 
     @property
+    def encoder_training(self) -> EncoderTraining:
+        """When encoder parameters train (:data:`EncoderTraining`). Only ``never`` may read
+        cached features: under ``later`` the encoder must see the data once it trains."""
+        return "always"
+
+    @property
     def frozen_encoder(self) -> bool:
-        return False
+        """Whether the encoder starts in eval mode under ``no_grad`` (no encoder dropout,
+        no activations kept). Default: exactly when it never trains."""
+        return self.encoder_training == "never"
+
+    def extra_loss(
+        self,
+        module: TransferModule,
+        hidden: tuple[torch.Tensor, ...],
+        batch: dict[str, torch.Tensor],
+        stage: str,
+    ) -> torch.Tensor | None:
+        """A loss added to the task loss when ``stage == "train"`` (``None``: nothing to add);
+        on ``val``/``test`` it is computed for its logged metrics only. ``hidden``: all the
+        encoder's hidden states of the batch."""
+        return None
+
+    def merge_for_export(self, module: TransferModule) -> TransferModule:
+        """Fold strategy-specific modules into the plain architecture before an export
+        (LoRA merges its adapters). Default: nothing to fold."""
+        return module
+
+    def stage_metrics(self) -> dict[str, float | str]:
+        """Metrics of earlier training stages, recorded beside the run's own metrics (LP-FT:
+        its probe stage's ``lp/...`` scores). Default: none."""
+        return {}
 
     def compile(self, module: TransferModule) -> TrainableSpec:
         self.apply(module)
@@ -92,6 +139,45 @@ class TransferStrategy:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "lr_decay": self.lr_decay}
+
+
+class WrappedStrategy(TransferStrategy):
+    """A strategy that adds one thing to another (``self.base``: re-initialisation, layer-wise
+    LR decay) and delegates every other hook to it."""
+
+    base: TransferStrategy
+
+    def apply(self, module: TransferModule) -> None:
+        self.base.apply(module)
+
+    def param_groups(self, module: TransferModule) -> list[ParamGroup]:
+        return self.base.param_groups(module)
+
+    def callbacks(self) -> list[Callback]:
+        return self.base.callbacks()
+
+    @property
+    def encoder_training(self) -> EncoderTraining:
+        return self.base.encoder_training
+
+    @property
+    def frozen_encoder(self) -> bool:
+        return self.base.frozen_encoder
+
+    def extra_loss(
+        self,
+        module: TransferModule,
+        hidden: tuple[torch.Tensor, ...],
+        batch: dict[str, torch.Tensor],
+        stage: str,
+    ) -> torch.Tensor | None:
+        return self.base.extra_loss(module, hidden, batch, stage)
+
+    def merge_for_export(self, module: TransferModule) -> TransferModule:
+        return self.base.merge_for_export(module)
+
+    def stage_metrics(self) -> dict[str, float | str]:
+        return self.base.stage_metrics()
 
 
 def set_requires_grad(module: nn.Module, flag: bool) -> None:

@@ -6,13 +6,12 @@ one more encoder layer group is unfrozen, top-down, until the embeddings train t
 unfrozen count is a pure function of the epoch / global step, so a resumed run continues
 where it stopped; it is also kept in the callback's ``state_dict``.
 
-Optimizer: the strategy's spec lists every encoder parameter, frozen ones included.
-If the optimizer was built with them (AdamW skips parameters whose grad is ``None``),
-unfreezing only flips ``requires_grad`` and LR schedules cover every group from the
-start. If the optimizer holds only the initially trainable parameters, the callback adds
-one group per unfrozen layer group (``encoder.layer_<i>``, plus ``/no_decay`` for 1-d
-parameters) with the head group's base LR times ``lr_decay ** depth``, and extends
-``LambdaLR``-style schedulers so the new groups follow the same schedule.
+Optimizer: the strategy's spec lists every encoder parameter, frozen ones included; the
+optimizer starts with the trainable ones. Each unfreeze event adds one group per unfrozen
+layer group (``encoder.layer_<i>``, plus ``/no_decay``) built by the one param-group rule
+(:func:`~nlp_transfer.training.param_groups.torch_param_groups`: the optimizer's base LR
+times the spec group's scale, which carries ``lr_decay ** depth`` when ``lr_decay`` is set),
+and extends ``LambdaLR``-style schedulers so the new groups follow the same schedule.
 """
 
 from __future__ import annotations
@@ -24,12 +23,13 @@ from pytorch_lightning.callbacks import BaseFinetuning
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 from nlp_transfer.strategies.base import (
-    ParamGroup,
+    EncoderTraining,
     TransferStrategy,
     layer_group_name,
     params_by_layer,
     set_requires_grad,
 )
+from nlp_transfer.training.param_groups import torch_param_groups
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -52,7 +52,9 @@ class GradualUnfreezing(BaseFinetuning):
         every: epochs (or steps) between two unfreeze events.
         unit: ``"epoch"`` (at epoch start, via ``BaseFinetuning.finetune_function``) or
             ``"step"`` (at batch start, from ``trainer.global_step``).
-        lr_decay: layer-wise LR decay for groups this callback adds to the optimizer.
+
+    The LRs of the groups it adds come from the module's strategy groups (``spec.groups``),
+    so the layer-wise decay is the strategy's, not a second copy here.
 
     Logs ``unfrozen_groups`` (the number of trainable encoder layer groups) every epoch
     (epoch mode) or step (step mode) and each event with python logging; ``events``
@@ -64,7 +66,6 @@ class GradualUnfreezing(BaseFinetuning):
         initial_groups: int = 0,
         every: int = 1,
         unit: str = "epoch",
-        lr_decay: float | None = None,
     ) -> None:
         super().__init__()
         if unit not in UNITS:
@@ -78,7 +79,6 @@ class GradualUnfreezing(BaseFinetuning):
         self.initial_groups = int(initial_groups)
         self.every = int(every)
         self.unit = unit
-        self.lr_decay = lr_decay
         self.num_unfrozen = self.initial_groups
         self.events: list[dict[str, Any]] = []
 
@@ -177,7 +177,7 @@ class GradualUnfreezing(BaseFinetuning):
             for p in params:
                 p.requires_grad_(trainable)
             if trainable and optimizer is not None:
-                self._ensure_in_optimizer(pl_module, optimizer, layer, top, params)
+                self._ensure_in_optimizer(pl_module, optimizer, layer, params)
         self.num_unfrozen = count
         return newly
 
@@ -186,7 +186,6 @@ class GradualUnfreezing(BaseFinetuning):
         pl_module: pl.LightningModule,
         optimizer: Optimizer,
         layer: int,
-        top: int,
         params: list[nn.Parameter],
     ) -> None:
         # identity check: Lightning's ``filter_on_optimizer`` compares *values*
@@ -195,21 +194,16 @@ class GradualUnfreezing(BaseFinetuning):
         missing = [p for p in params if id(p) not in present]
         if not missing:
             return
-        ref_index, ref = _reference_group(optimizer)
-        scale = self.lr_decay ** (top - layer) if self.lr_decay else 1.0
-        base_lr = float(ref.get("initial_lr", ref["lr"])) * scale
-        name = f"encoder.{layer_group_name(layer)}"
-        split = (
-            ("", [p for p in missing if p.ndim > 1], ref.get("weight_decay", 0.0)),
-            ("/no_decay", [p for p in missing if p.ndim <= 1], 0.0),
+        ref_index, _ = _reference_group(optimizer)
+        groups = torch_param_groups(
+            pl_module.spec.groups,  # type: ignore[union-attr]
+            {id(p): n for n, p in pl_module.named_parameters()},
+            optimizer.defaults,
+            params=missing,
+            name=f"encoder.{layer_group_name(layer)}",
         )
-        for suffix, ps, wd in split:
-            if not ps:
-                continue
-            group = {"params": ps, "lr": base_lr, "initial_lr": base_lr, "name": name + suffix}
-            if "weight_decay" in ref:
-                group["weight_decay"] = wd
-            optimizer.add_param_group(group)
+        for group in groups:
+            optimizer.add_param_group({**group, "initial_lr": group["lr"]})
             self._extend_schedulers(pl_module, optimizer, ref_index)
         if _attached(pl_module):
             trainer = pl_module._trainer
@@ -319,11 +313,12 @@ class GradualUnfreeze(TransferStrategy):
             for p in params:
                 p.requires_grad_(i in keep)
 
-    def param_groups(self, module: TransferModule) -> list[ParamGroup]:
-        return super().param_groups(module)
+    @property
+    def encoder_training(self) -> EncoderTraining:
+        return "always" if self.initial_groups else "later"
 
     def callbacks(self) -> list[Callback]:
-        return [GradualUnfreezing(self.initial_groups, self.every, self.unit, self.lr_decay)]
+        return [GradualUnfreezing(self.initial_groups, self.every, self.unit)]
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -24,21 +24,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pytorch_lightning import Callback
-
 from nlp_transfer.strategies.base import (
     ParamGroup,
     TransferStrategy,
+    WrappedStrategy,
     check_lr_decay,
     layer_group_name,
     param_layer_index,
-    set_requires_grad,
 )
+from nlp_transfer.strategies.simple import FullFineTuning
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from nlp_transfer.module import TransferModule
 
 
 def layerwise_scales(num_layer_groups: int, decay: float) -> list[float]:
@@ -80,7 +77,7 @@ def split_layerwise(encoder: nn.Module, groups: list[ParamGroup], decay: float) 
     return out
 
 
-class LLRD(TransferStrategy):
+class LLRD(WrappedStrategy):
     """Layer-wise LR decay preset: ``base`` (default: full fine-tuning) with ``lr_decay``.
 
     Args:
@@ -92,33 +89,10 @@ class LLRD(TransferStrategy):
 
     def __init__(self, decay: float = 0.9, base: TransferStrategy | None = None) -> None:
         super().__init__(lr_decay=decay)
-        self.base = base
-        if base is not None:
-            base.lr_decay = self.lr_decay  # e.g. gradual unfreezing sizes new groups with it
-
-    def apply(self, module: TransferModule) -> None:
-        if self.base is None:
-            set_requires_grad(module, True)
-        else:
-            self.base.apply(module)
-
-    def param_groups(self, module: TransferModule) -> list[ParamGroup]:
-        if self.base is None:
-            return super().param_groups(module)
-        return self.base.param_groups(module)
-
-    def callbacks(self) -> list[Callback]:
-        return [] if self.base is None else self.base.callbacks()
-
-    @property
-    def frozen_encoder(self) -> bool:
-        return False if self.base is None else self.base.frozen_encoder
-
-    def merge_for_export(self, module: TransferModule) -> TransferModule:
-        """Export hook: delegate to the base strategy (e.g. merge LoRA adapters)."""
-        merge = getattr(self.base, "merge_for_export", None)
-        return merge(module) if callable(merge) else module
+        self.full = base is None
+        self.base = FullFineTuning() if base is None else base
+        self.base.lr_decay = self.lr_decay  # e.g. gradual unfreezing sizes new groups with it
 
     def describe(self) -> dict[str, Any]:
-        base = {"name": "full"} if self.base is None else self.base.describe()
+        base = {"name": "full"} if self.full else self.base.describe()
         return {"name": self.name, "lr_decay": self.lr_decay, "base": base}

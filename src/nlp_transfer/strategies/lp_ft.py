@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nlp_transfer.strategies.base import TransferStrategy, set_requires_grad
+from nlp_transfer.strategies.base import EncoderTraining, TransferStrategy, set_requires_grad
 from nlp_transfer.strategies.gradual import GradualUnfreezing
 
 if TYPE_CHECKING:
@@ -32,8 +32,8 @@ ALL_GROUPS = 10**6
 class LinearProbeThenFinetune(GradualUnfreezing):
     """Callback: every encoder layer group unfreezes at once at epoch ``probe_epochs``."""
 
-    def __init__(self, probe_epochs: int = 1, lr_decay: float | None = None) -> None:
-        super().__init__(initial_groups=0, every=1, unit="epoch", lr_decay=lr_decay)
+    def __init__(self, probe_epochs: int = 1) -> None:
+        super().__init__(initial_groups=0, every=1, unit="epoch")
         self.probe_epochs = int(probe_epochs)
         self.stage_metrics: dict[str, float] = {}
         self.stage1_checkpoint: str | None = None
@@ -64,7 +64,6 @@ class LinearProbeThenFinetune(GradualUnfreezing):
         path = ckpt_dir / "stage1_lp.ckpt"
         trainer.save_checkpoint(path)
         self.stage1_checkpoint = str(path)
-        pl_module.stage_metrics = {**self.stage_metrics, "lp/checkpoint": self.stage1_checkpoint}  # type: ignore[assignment]
         log.info("LP-FT: stage 1 (linear probe) done: %s; checkpoint %s", self.stage_metrics, path)
 
     def state_dict(self) -> dict[str, Any]:
@@ -93,6 +92,11 @@ class LPFT(TransferStrategy):
         if int(probe_epochs) < 1:
             raise ValueError(f"strategy.probe_epochs must be >= 1, got {probe_epochs}")
         self.probe_epochs = int(probe_epochs)
+        self._probe: LinearProbeThenFinetune | None = None
+
+    @property
+    def encoder_training(self) -> EncoderTraining:
+        return "later"
 
     def apply(self, module: TransferModule) -> None:
         set_requires_grad(module, True)
@@ -103,4 +107,13 @@ class LPFT(TransferStrategy):
         return True  # stage 1; the callback switches it off for stage 2
 
     def callbacks(self) -> list[Callback]:
-        return [LinearProbeThenFinetune(self.probe_epochs, self.lr_decay)]
+        self._probe = LinearProbeThenFinetune(self.probe_epochs)
+        return [self._probe]
+
+    def stage_metrics(self) -> dict[str, float | str]:
+        """Stage 1's ``lp/val/...`` scores and ``lp/checkpoint``, once stage 1 is done (kept
+        in the callback's state, so a run resumed in stage 2 reports them too)."""
+        probe = self._probe
+        if probe is None or probe.stage1_checkpoint is None:
+            return {}
+        return {**probe.stage_metrics, "lp/checkpoint": probe.stage1_checkpoint}

@@ -10,12 +10,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from nlp_transfer.strategies.base import ParamGroup, TransferStrategy
+from nlp_transfer.strategies.base import TransferStrategy, WrappedStrategy
 from nlp_transfer.strategies.simple import FullFineTuning
 
 if TYPE_CHECKING:
-    from pytorch_lightning import Callback
-
     from nlp_transfer.module import TransferModule
 
 
@@ -77,7 +75,7 @@ def reinit_layer_group(encoder: nn.Module, group: nn.Module) -> None:
             hf._init_weights(m)
 
 
-class ReinitTopK(TransferStrategy):
+class ReinitTopK(WrappedStrategy):
     """Re-initialise the top ``k`` encoder layer groups, then apply ``base``.
 
     Args:
@@ -138,21 +136,6 @@ class ReinitTopK(TransferStrategy):
     def apply(self, module: TransferModule) -> None:
         self.reinit(module)
         self.base.apply(module)
-
-    def param_groups(self, module: TransferModule) -> list[ParamGroup]:
-        return self.base.param_groups(module)
-
-    def callbacks(self) -> list[Callback]:
-        return self.base.callbacks()
-
-    @property
-    def frozen_encoder(self) -> bool:
-        return self.base.frozen_encoder
-
-    def merge_for_export(self, module: TransferModule) -> TransferModule:
-        """Export hook: delegate to the base strategy (e.g. merge LoRA adapters)."""
-        merge = getattr(self.base, "merge_for_export", None)
-        return merge(module) if callable(merge) else module
 
     def describe(self) -> dict[str, Any]:
         return {

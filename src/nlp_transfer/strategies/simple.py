@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from nlp_transfer.strategies.base import ParamGroup, TransferStrategy, set_requires_grad
+from nlp_transfer.strategies.base import (
+    EncoderTraining,
+    ParamGroup,
+    TransferStrategy,
+    set_requires_grad,
+)
 
 if TYPE_CHECKING:
     from nlp_transfer.module import TransferModule
@@ -32,5 +37,5 @@ class FrozenEncoder(TransferStrategy):
         return [g for g in super().param_groups(module) if g.name != "encoder"]
 
     @property
-    def frozen_encoder(self) -> bool:
-        return True
+    def encoder_training(self) -> EncoderTraining:
+        return "never"
