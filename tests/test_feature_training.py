@@ -159,12 +159,18 @@ def test_sklearn_head_configs(head: str, make_cfg) -> None:
     estimator = build_estimator(cfg.head)
     final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
     assert hasattr(final, "fit") and final.random_state == 7
-    assert layer_choice(cfg) == ([-1], "concat")
-    assert layer_choice(make_cfg(f"head={head}", "layer_pooling=second_to_last")) == (
+    assert layer_choice(cfg, 5, 8) == ([-1], "concat")
+    assert layer_choice(make_cfg(f"head={head}", "layer_pooling=second_to_last"), 5, 8) == (
         [-2],
         "concat",
     )
-    assert layer_choice(make_cfg(f"head={head}", "head.layer=[0,-1]")) == ([0, -1], "concat")
+    assert layer_choice(make_cfg(f"head={head}", "head.layer=[0,-1]"), 5, 8) == ([0, -1], "concat")
+    assert layer_choice(make_cfg(f"head={head}", "layer_pooling=sum_last_four"), 5, 8) == (
+        [-4, -3, -2, -1],
+        "sum",
+    )
+    with pytest.raises(ConfigError, match="learned"):
+        layer_choice(make_cfg(f"head={head}", "layer_pooling=scalar_mix"), 5, 8)
 
 
 def _sentence_features(encoder: Any, data: Any, split: str) -> np.ndarray:

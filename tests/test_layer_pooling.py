@@ -76,3 +76,26 @@ def test_invalid_arguments() -> None:
         LayerPooling("last", **kw).weights()
     with pytest.raises(ValueError, match="expects 5 hidden states"):
         LayerPooling("last", **kw)(hidden_states()[:3])
+
+
+@pytest.mark.parametrize(
+    ("mode", "kwargs", "expected"),
+    [
+        ("last", {}, ([-1], "concat")),
+        ("layer", {"layer": 0}, ([0], "concat")),
+        ("sum_last_k", {"k": 2}, ([-2, -1], "sum")),
+        ("concat_last_k", {"k": 3}, ([-3, -2, -1], "concat")),
+        ("scalar_mix", {}, (list(range(N)), "mix")),
+    ],
+)
+def test_selection_names_what_forward_reads(mode: str, kwargs: dict, expected: tuple) -> None:
+    """The layers a pooling declares are the ones its output depends on (the sklearn heads
+    pool cached features by this declaration)."""
+    pool = LayerPooling(mode, num_hidden_states=N, hidden_size=H, **kwargs)
+    assert pool.selection() == expected
+    layers, _ = expected
+    hidden = hidden_states()
+    changed = tuple(
+        h + 1.0 if i not in {j % N for j in layers} else h for i, h in enumerate(hidden)
+    )
+    assert torch.equal(pool(hidden), pool(changed))  # the other hidden states do not matter

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 MODES = ("last", "layer", "sum_last_k", "concat_last_k", "scalar_mix")
+COMBINES = ("concat", "sum", "mix")  # how a pooling combines the hidden states it reads
 
 
 class LayerPooling(nn.Module):
@@ -62,6 +63,19 @@ class LayerPooling(nn.Module):
             self.gamma = nn.Parameter(torch.ones(()))
         self.output_size = self.hidden_size * (self.k if mode == "concat_last_k" else 1)
 
+    def selection(self) -> tuple[list[int], str]:
+        """The hidden states this pooling reads (indices into the encoder's tuple, negatives
+        from the top) and how it combines them (:data:`COMBINES`; ``mix``: learned weights).
+        ``forward`` reads exactly these; feature paths that pool outside the module (the
+        sklearn heads) ask here instead of re-reading the config."""
+        if self.mode == "last":
+            return [-1], "concat"
+        if self.mode == "layer":
+            return [int(self.layer)], "concat"  # type: ignore[arg-type]
+        if self.mode in ("sum_last_k", "concat_last_k"):
+            return list(range(-self.k, 0)), "sum" if self.mode == "sum_last_k" else "concat"
+        return list(range(self.num_hidden_states)), "mix"
+
     def weights(self) -> torch.Tensor:
         """The softmax-normalised scalar-mix weights (``scalar_mix`` mode only)."""
         if self.mode != "scalar_mix":
@@ -74,15 +88,16 @@ class LayerPooling(nn.Module):
                 f"layer pooling expects {self.num_hidden_states} hidden states, "
                 f"got {len(hidden_states)}"
             )
-        if self.mode == "last":
-            return hidden_states[-1]
-        if self.mode == "layer":
-            return hidden_states[self.layer]  # type: ignore[index]
-        top = hidden_states[-self.k :]
-        if self.mode == "sum_last_k":
-            return torch.stack(top, dim=0).sum(dim=0)
-        if self.mode == "concat_last_k":
-            return torch.cat(top, dim=-1)
+        layers, combine = self.selection()
+        if combine != "mix":
+            picked = [hidden_states[i] for i in layers]
+            if len(picked) == 1:
+                return picked[0]
+            return (
+                torch.stack(picked, dim=0).sum(dim=0)
+                if combine == "sum"
+                else torch.cat(picked, dim=-1)
+            )
         w = self.weights().to(hidden_states[0].dtype)
         mixed = w[0] * hidden_states[0]
         for i in range(1, len(hidden_states)):  # no [N, B, T, H] stack: saves memory

@@ -70,8 +70,12 @@ class SplitData:
     offsets: np.ndarray | None = None
 
 
-def layer_choice(cfg: DictConfig) -> tuple[list[int], str]:
-    """Hidden states a sklearn head reads and how they combine (``concat``/``sum``/``mean``)."""
+def layer_choice(
+    cfg: DictConfig, num_hidden_states: int, hidden_size: int
+) -> tuple[list[int], str]:
+    """Hidden states a sklearn head reads and how they combine (``concat``/``sum``/``mean``):
+    ``head.layer`` (with ``head.layer_combine``) if set, else what the configured
+    ``layer_pooling`` reads (:meth:`LayerPooling.selection`), else the top layer."""
     head = cfg.head
     layer = head.get("layer")
     combine = str(head.get("layer_combine", "concat"))
@@ -79,19 +83,18 @@ def layer_choice(cfg: DictConfig) -> tuple[list[int], str]:
         return [int(i) for i in layer], combine
     if layer is not None:
         return [int(layer)], combine
-    pooling = cfg.get("layer_pooling")
-    mode = str(pooling.get("mode", "last")) if pooling else "last"
-    if mode == "last":
+    if not cfg.get("layer_pooling"):
         return [-1], "concat"
-    if mode == "layer":
-        return [int(pooling.layer)], "concat"
-    if mode in ("sum_last_k", "concat_last_k"):
-        k = int(pooling.get("k", 4))
-        return list(range(-k, 0)), "sum" if mode == "sum_last_k" else "concat"
-    raise ConfigError(
-        f"layer_pooling mode {mode!r} is learned and cannot feed a sklearn head; "
-        "set head.layer=<index> or a list of indices (with head.layer_combine)"
+    pooling = instantiate(
+        cfg.layer_pooling, num_hidden_states=num_hidden_states, hidden_size=hidden_size
     )
+    layers, combine = pooling.selection()
+    if combine == "mix":
+        raise ConfigError(
+            f"layer_pooling mode {pooling.mode!r} is learned and cannot feed a sklearn head; "
+            "set head.layer=<index> or a list of indices (with head.layer_combine)"
+        )
+    return layers, combine
 
 
 def build_estimator(head: DictConfig) -> Any:
@@ -224,7 +227,7 @@ def train_sklearn(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     datamodule.setup(None)
     task, labels = datamodule.task, datamodule.labels
     spec = feature_spec(cfg, task, level=None if task != "classification" else SENTENCE)
-    layers, combine = layer_choice(cfg)
+    layers, combine = layer_choice(cfg, encoder.num_layers + 1, encoder.hidden_size)
     cache = cache_from_config(cfg)
 
     def load(split: str) -> SplitData:
