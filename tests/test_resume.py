@@ -30,7 +30,7 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 
 from nlp_transfer.checkpoint import CheckpointError
 from nlp_transfer.errors import ConfigError
-from nlp_transfer.train import _plan_run, _prepare_loggers, _trainer_plugins, train
+from nlp_transfer.train import train
 from nlp_transfer.training.checkpoint_io import AtomicCheckpointIO
 from nlp_transfer.training.progress_checkpoint import ProgressCheckpoint
 from nlp_transfer.training.resume import (
@@ -38,6 +38,7 @@ from nlp_transfer.training.resume import (
     find_resume_checkpoint,
     remove_stale_temp_files,
 )
+from nlp_transfer.training.run import plan_run, prepare_loggers, trainer_plugins
 from nlp_transfer.utils.io import OutputExistsError
 from nlp_transfer.utils.resolvers import PROJECT_ROOT
 
@@ -243,7 +244,7 @@ def test_resume_prefers_newest_readable(fault: dict[str, Any], tmp_path: Path) -
     cfg_dir = tmp_path
     before = bad.read_bytes()
     with pytest.raises(CheckpointError, match="no readable checkpoint.*nothing was changed"):
-        _plan_run(_cfg_for(cfg_dir, "resume=auto"))
+        plan_run(_cfg_for(cfg_dir, "resume=auto"))
     assert bad.read_bytes() == before
 
 
@@ -278,21 +279,21 @@ def test_new_run_refuses_an_unfinished_run(tmp_path: Path) -> None:
     (tmp_path / "csv").mkdir()
     (tmp_path / "csv" / "metrics.csv").write_text("step,train/loss_step\n0,0.7\n")
     with pytest.raises(OutputExistsError, match=r"csv/metrics.csv.*resume="):
-        _plan_run(_cfg_for(tmp_path))
+        plan_run(_cfg_for(tmp_path))
 
 
 def test_resume_option_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="both set"):
-        _plan_run(_cfg_for(tmp_path, "resume=auto", "ckpt_path=/x.ckpt"))
+        plan_run(_cfg_for(tmp_path, "resume=auto", "ckpt_path=/x.ckpt"))
     with pytest.raises(ConfigError, match="no such run folder"):
-        _plan_run(_cfg_for(tmp_path, f"resume={tmp_path / 'missing'}"))
+        plan_run(_cfg_for(tmp_path, f"resume={tmp_path / 'missing'}"))
 
 
 def test_resume_run_dir_becomes_output_dir(tmp_path: Path) -> None:
     other = tmp_path / "earlier"
     other.mkdir()
     cfg = _cfg_for(tmp_path / "new", f"resume={other}")
-    plan = _plan_run(cfg)
+    plan = plan_run(cfg)
     assert plan.output_dir == other.resolve() and plan.ckpt_path is None and plan.resuming
     assert cfg.paths.output_dir == str(other.resolve())
 
@@ -310,13 +311,13 @@ def test_resume_auto_without_checkpoint_starts_fresh(make_cfg) -> None:
 
 def test_loggers_resume_same_wandb_run_and_append_csv(tmp_path: Path) -> None:
     cfg = _cfg_for(tmp_path, "logger=many")
-    _prepare_loggers(cfg, RunPlan(tmp_path))
+    prepare_loggers(cfg, RunPlan(tmp_path))
     run_id = cfg.logger.wandb.id
     assert re.fullmatch(r"[a-z0-9]{8}", run_id) and cfg.logger.wandb.resume == "allow"
     assert (tmp_path / "wandb_id.txt").read_text().strip() == run_id
     assert cfg.logger.csv._target_ == "pytorch_lightning.loggers.CSVLogger"  # new run
     again = _cfg_for(tmp_path, "logger=many")
-    _prepare_loggers(again, RunPlan(tmp_path, resuming=True))
+    prepare_loggers(again, RunPlan(tmp_path, resuming=True))
     assert again.logger.wandb.id == run_id
     assert again.logger.csv._target_.endswith("ResumableCSVLogger")
 
@@ -369,10 +370,10 @@ def test_slurm_requeue_saves_at_batch_boundary(
 def test_slurm_trainer_config(make_cfg) -> None:
     from lightning_fabric.plugins.environments import SLURMEnvironment
 
-    plugins = _trainer_plugins(make_cfg("trainer=slurm"))
+    plugins = trainer_plugins(make_cfg("trainer=slurm"))
     assert [type(p) for p in plugins] == [SLURMEnvironment, AtomicCheckpointIO]
     assert plugins[0].auto_requeue is False and plugins[0].requeue_signal == signal.SIGUSR1
-    assert [type(p) for p in _trainer_plugins(make_cfg())] == [AtomicCheckpointIO]
+    assert [type(p) for p in trainer_plugins(make_cfg())] == [AtomicCheckpointIO]
 
 
 def test_progress_checkpoint_needs_a_step_count(tmp_path: Path) -> None:
@@ -416,13 +417,13 @@ def test_ddp_resume_mid_epoch_is_exact(tmp_path: Path) -> None:
 
 
 def test_continuing_with_other_settings_is_reported(caplog: pytest.LogCaptureFixture) -> None:
-    from nlp_transfer.train import _warn_config_changes
+    from nlp_transfer.training.run import warn_config_changes
 
     stored = {"optimizer": {"lr": 1e-4}, "resume": None, "paths": {"output_dir": "/a"}}
     with caplog.at_level("WARNING"):
-        _warn_config_changes(stored, {**stored, "resume": "auto", "paths": {"output_dir": "/b"}})
+        warn_config_changes(stored, {**stored, "resume": "auto", "paths": {"output_dir": "/b"}})
         assert not caplog.records
-        _warn_config_changes(stored, {**stored, "optimizer": {"lr": 5e-4}})
+        warn_config_changes(stored, {**stored, "optimizer": {"lr": 5e-4}})
     assert "optimizer.lr: 0.0001 -> 0.0005" in caplog.text
 
 

@@ -27,7 +27,7 @@ import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from pytorch_lightning import LightningDataModule, LightningModule, Trainer, seed_everything
+from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from torch.utils.data import DataLoader
 from transformers import (
     AutoModelForMaskedLM,
@@ -41,18 +41,18 @@ from nlp_transfer.data.base import check_megabatch_mult, grouped_loader
 from nlp_transfer.errors import ConfigError, DataError, config_flag
 from nlp_transfer.module import TransferModule
 from nlp_transfer.strategies.base import ParamGroup
-from nlp_transfer.train import (
-    _best_checkpoint_callback,
-    _finish_loggers,
-    _plan_run,
-    _prepare_loggers,
-    _trainer_plugins,
-)
 from nlp_transfer.training.hardware import apply_hardware_settings, metrics_record
 from nlp_transfer.training.loop_state import ResumeState
 from nlp_transfer.training.param_groups import optimizer_defaults, torch_param_groups
+from nlp_transfer.training.run import (
+    best_checkpoint_callback,
+    finish_loggers,
+    plan_run,
+    prepare_loggers,
+    prepare_run,
+    trainer_plugins,
+)
 from nlp_transfer.training.schedulers import with_step_schedule
-from nlp_transfer.utils.config_tree import print_config_tree
 from nlp_transfer.utils.io import atomic_write_json, guard_new_output
 from nlp_transfer.utils.resolvers import CONFIG_DIR
 
@@ -308,15 +308,11 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     """Continue MLM training; write the encoder folder and ``metrics.json``; return metrics."""
     check_required(cfg)
     apply_hardware_settings(cfg)  # trainer.precision / optimizer speed knobs `auto`, as train
-    plan = _plan_run(cfg)
+    plan = plan_run(cfg)
     out_dir = plan.output_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
     encoder_dir = Path(cfg.encoder_dir) if cfg.get("encoder_dir") else out_dir / "encoder"
     guard_new_output(encoder_dir, "pretrained encoder directory")
-    if cfg.get("extras", {}).get("print_config", True):
-        print_config_tree(cfg, save_to=out_dir / "config_tree.log")
-    if cfg.get("seed") is not None:
-        seed_everything(int(cfg.seed), workers=True)
+    prepare_run(cfg, plan)
 
     enc = cfg.encoder
     tokenizer = AutoTokenizer.from_pretrained(
@@ -351,9 +347,9 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     )
     resume_state = ResumeState(cfg.get("seed"))
     resume_state.attach(data)
-    _prepare_loggers(cfg, plan)
+    prepare_loggers(cfg, plan)
     loggers = build_loggers(cfg)
-    plugins = _trainer_plugins(cfg)
+    plugins = trainer_plugins(cfg)
     trainer: Trainer = instantiate(
         cfg.trainer,
         callbacks=[*build_callbacks(cfg), resume_state],
@@ -369,7 +365,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     wall = time.perf_counter() - start
     if trainer.interrupted:
         raise KeyboardInterrupt("pretraining was interrupted; the last checkpoint is kept")
-    ckpt_cb = _best_checkpoint_callback(trainer)
+    ckpt_cb = best_checkpoint_callback(trainer)
     best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
     loss_after = _held_out_loss(trainer, module, data, ckpt_path=best, weights_only=True)
     if trainer.is_global_zero:
@@ -392,7 +388,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         "task": "mlm",
         **metrics_record(cfg),  # precision, hardware kind, speed mechanisms
     }
-    _finish_loggers(loggers)
+    finish_loggers(loggers)
     if trainer.is_global_zero:
         atomic_write_json(out_dir / "metrics.json", metrics)
         log.info(

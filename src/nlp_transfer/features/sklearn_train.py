@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
-from pytorch_lightning import seed_everything
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -49,8 +48,8 @@ from nlp_transfer.metrics.classification import PerClassReport, classification_m
 from nlp_transfer.metrics.entity import EntityF1
 from nlp_transfer.training.hardware import apply_hardware_settings, metrics_record
 from nlp_transfer.training.predictions import Predictions, write_predictions
-from nlp_transfer.training.resume import slurm_fields
-from nlp_transfer.utils.config_tree import print_config_tree
+from nlp_transfer.training.resume import RunPlan, slurm_fields
+from nlp_transfer.training.run import prepare_run
 from nlp_transfer.utils.io import OutputExistsError, atomic_write_json, write_atomically
 
 log = logging.getLogger(__name__)
@@ -212,11 +211,7 @@ def train_sklearn(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             f"{out_dir} already holds metrics.json of another run; nothing was overwritten. "
             "Use a new hydra.run.dir."
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("extras", {}).get("print_config", True):
-        print_config_tree(cfg, save_to=out_dir / "config_tree.log")
-    if cfg.get("seed") is not None:
-        seed_everything(int(cfg.seed), workers=True)
+    prepare_run(cfg, RunPlan(out_dir))
     strategy = str((cfg.get("strategy") or {}).get("_target_", "")).rsplit(".", 1)[-1]
     if strategy and strategy != "FrozenEncoder":
         log.info("sklearn head: the encoder stays frozen whatever strategy=%s says", strategy)

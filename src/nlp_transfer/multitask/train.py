@@ -33,10 +33,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from pytorch_lightning import seed_everything
 
 from nlp_transfer.builders import build_encoder, plain_config
 from nlp_transfer.checkpoint import check_fits, read_checkpoint
@@ -46,13 +44,8 @@ from nlp_transfer.errors import ConfigError, config_flag
 from nlp_transfer.multitask.datamodule import MultiTaskDataModule
 from nlp_transfer.multitask.module import MultiTaskModule, TaskSpec
 from nlp_transfer.tagging import normalize_scheme
-from nlp_transfer.train import (
-    _plan_run,
-    fit_and_score,
-    write_metrics,
-)
 from nlp_transfer.training.hardware import apply_hardware_settings
-from nlp_transfer.utils.config_tree import print_config_tree
+from nlp_transfer.training.run import fit_and_score, plan_run, prepare_run, write_metrics
 
 TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 TASK_KEYS = {"name", "data", "head", "loss_weight", "subword_pooling", "primary_metric"}
@@ -230,15 +223,8 @@ def train_multitask(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     epoch restarts its task schedule from the beginning (no exact mid-epoch resume).
     """
     apply_hardware_settings(cfg)  # a no-op when train() resolved it already
-    plan = _plan_run(cfg)
+    plan = prepare_run(cfg, plan_run(cfg))
     out_dir = plan.output_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("extras", {}).get("print_config", True):
-        print_config_tree(cfg, save_to=out_dir / "config_tree.log")
-    if cfg.get("seed") is not None:
-        seed_everything(int(cfg.seed), workers=True)
-    if cfg.get("float32_matmul_precision"):
-        torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
     encoder = build_encoder(cfg)
     datamodule = build_multitask_datamodule(cfg, encoder)
