@@ -40,6 +40,7 @@ from nlp_transfer.training.hardware import apply_hardware_settings
 from nlp_transfer.training.loop_state import ResumeState
 from nlp_transfer.training.run import (
     check_stored_config,
+    disk_full_hint,
     fit_and_score,
     plan_run,
     prepare_run,
@@ -117,7 +118,7 @@ def run_and_record(cfg: DictConfig) -> dict[str, Any]:
             out_dir / "status.json",
             {
                 "status": "failed",
-                "error": f"{type(e).__name__}: {e}",
+                "error": f"{type(e).__name__}: {e}{disk_full_hint(e, out_dir)}",
                 "traceback": traceback.format_exc(),
                 "wall_s": round(time.time() - started, 3),
             },

@@ -7,8 +7,10 @@ entry point's module.
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -302,3 +304,22 @@ def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
         for k, v in shown.items()
     ]
     log.info("final metrics (%s):\n%s", out_dir / "metrics.json", "\n".join(lines))
+
+
+def disk_full_hint(error: BaseException, where: Path) -> str:
+    """A hint to append to ``error``'s message when it looks like a full disk (torch reports
+    a checkpoint write that ran out of space as ``unexpected pos``); else ``""``."""
+    text = str(error)
+    full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or any(
+        sign in text for sign in ("No space left", "unexpected pos")
+    )
+    if not full:
+        return ""
+    place = next((p for p in (where, *where.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(place).free / 2**30
+    return (
+        f" [the disk looks full: {free:.1f} GiB free under {place}. Each run keeps up to "
+        "three checkpoints (best, last, steps/); free space (e.g. the .ckpt files of finished "
+        "sweep jobs) or set callbacks.model_checkpoint_steps=null and "
+        "callbacks.model_checkpoint.save_last=false, then relaunch]"
+    )
