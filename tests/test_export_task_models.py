@@ -14,8 +14,10 @@ from transformers import pipeline
 from nlp_transfer.checkpoint import read_checkpoint, restore
 from nlp_transfer.data.sequence_labeling import split_words
 from nlp_transfer.export import export, export_module, load_export
+from nlp_transfer.heads.classification import SequenceClassificationHead
 from nlp_transfer.module import TransferModule
 from nlp_transfer.predict import predict_texts
+from nlp_transfer.safe_targets import UnsafeConfigError
 from nlp_transfer.train import train
 
 TEXTS = [
@@ -184,3 +186,22 @@ def test_unmappable_heads_say_so(
         (out / "config.json").read_text()
     )["architectures"] == ["BertModel"]
     load_export(out)  # the full model still loads
+
+
+class UserHead(SequenceClassificationHead):
+    """A user's own head, outside nlp_transfer (opted in with ``safe_targets_extra``)."""
+
+
+def test_export_with_a_users_head_loads_when_opted_in(make_cfg, tmp_path: Path) -> None:
+    target = f"{__name__}.UserHead"
+    quick = ("test=false", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1")
+    metrics, _ = train(make_cfg(f"head._target_={target}", *quick))
+    ckpt = metrics["best_checkpoint"]
+    out = tmp_path / "export"
+    overrides = (f"ckpt_path={ckpt}", f"output_dir={out}", f"safe_targets_extra=[{target}]")
+    result = export(make_cfg(*overrides, name="export", run="exp"))
+    assert result["verified_examples"] > 0  # the reload inside export opted in too
+    with pytest.raises(UnsafeConfigError, match="safe_targets_extra"):
+        load_export(out)  # not opted in: refused
+    loaded, _ = load_export(out, extra_targets=[target])
+    assert type(loaded.head) is UserHead

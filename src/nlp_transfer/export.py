@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -298,8 +299,14 @@ def model_card(module: TransferModule, mapped: TaskHead | str) -> str:
     return "\n".join(lines)
 
 
-def load_export(path: str | Path) -> tuple[TransferModule, TransferDataModule]:
-    """Rebuild the exported model (encoder, head, pooling) ready for prediction."""
+def load_export(
+    path: str | Path, extra_targets: Sequence[str] = ()
+) -> tuple[TransferModule, TransferDataModule]:
+    """Rebuild the exported model (encoder, head, pooling) ready for prediction.
+
+    ``extra_targets``: your own components the export's config may name (as the command
+    line's ``safe_targets_extra``), e.g. ``["mylab.heads."]``; everything else must be one of
+    this project's components."""
     path = Path(path)
     meta_file = path / META
     if not meta_file.is_file():
@@ -325,7 +332,8 @@ def load_export(path: str | Path) -> tuple[TransferModule, TransferDataModule]:
             },
         }
     )
-    check_stored_config(cfg, str(meta_file))  # the folder's configs build only our components
+    # the folder's configs build only our components and the ones the caller opts in
+    check_stored_config(cfg, str(meta_file), extra_targets=extra_targets)
     encoder = hydra.utils.instantiate(cfg.encoder)
     module = build_module(cfg, encoder, meta["labels"], meta["task"])
     state = load_file(str(path / HEAD_WEIGHTS))
@@ -428,11 +436,14 @@ def verify_task_model(
 
 
 def verify_export(
-    reference: list[tuple[Any, dict[str, float]]], out_dir: Path, texts: list[str]
+    reference: list[tuple[Any, dict[str, float]]],
+    out_dir: Path,
+    texts: list[str],
+    extra_targets: Sequence[str] = (),
 ) -> float:
     """Reload the export and compare with predictions taken from the checkpoint before
     exporting (export may merge adapters); returns the largest probability difference."""
-    loaded, data = load_export(out_dir)
+    loaded, data = load_export(out_dir, extra_targets)
     worst = 0.0
     for text, (ref, ref_p), (got, got_p) in zip(
         texts, reference, _predictions(loaded, data, texts)
@@ -453,10 +464,11 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("output_dir")
         else free_default_output(checkpoint_run_dir(cfg.ckpt_path) / "export")
     )
+    options = restore_options(cfg)
     module, datamodule = restore(
         run,
         trust_remote_code=config_flag(cfg.get("trust_remote_code"), "trust_remote_code"),
-        **restore_options(cfg),
+        **options,
     )
     texts = sample_texts(datamodule) if cfg.get("verify", True) else []
     reference = _predictions(module, datamodule, texts) if texts else None
@@ -464,7 +476,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         export_module(module, staging)  # published complete or not at all
     result: dict[str, Any] = {"export_dir": str(out_dir)}
     if reference is not None:
-        result["max_prob_diff"] = verify_export(reference, out_dir, texts)
+        result["max_prob_diff"] = verify_export(
+            reference, out_dir, texts, options["extra_targets"]
+        )
         result["verified_examples"] = len(texts)
         meta = json.loads((out_dir / META).read_text(encoding="utf-8"))
         result["task_model"] = meta["task_model"]["class"]
