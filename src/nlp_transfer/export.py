@@ -476,9 +476,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         export_module(module, staging)  # published complete or not at all
     result: dict[str, Any] = {"export_dir": str(out_dir)}
     if reference is not None:
-        result["max_prob_diff"] = verify_export(
-            reference, out_dir, texts, options["extra_targets"]
-        )
+        result["max_prob_diff"] = verify_export(reference, out_dir, texts, options["extra_targets"])
         result["verified_examples"] = len(texts)
         meta = json.loads((out_dir / META).read_text(encoding="utf-8"))
         result["task_model"] = meta["task_model"]["class"]

@@ -20,6 +20,7 @@ from nlp_transfer.encoders.base import Encoder
 from nlp_transfer.encoders.fast_dropout import swap_dropout
 from nlp_transfer.errors import ConfigError
 from nlp_transfer.heads import head_kwargs
+from nlp_transfer.heads.base import Head, check_head
 from nlp_transfer.metrics.classification import PerClassReport, classification_metrics
 from nlp_transfer.metrics.entity import EntityF1
 from nlp_transfer.strategies.base import TrainableSpec, TransferStrategy
@@ -109,7 +110,7 @@ class TransferModule(LightningModule):
         self.feature_size = size
         self.head_factory = head
         self.head_kwargs = head_kwargs(head, size, self.labels, encoder.hidden_size)
-        self.head = head(**self.head_kwargs)
+        self.head: Head = check_head(head(**self.head_kwargs))
         self.subtoken_loss = subtoken_loss
         if subtoken_loss:
             self._check_subtoken_loss()
@@ -258,7 +259,7 @@ class TransferModule(LightningModule):
         size = self.encoder.hidden_size
         if self.subword_pooling is not None:
             size = self.subword_pooling.output_size(size)
-        return self.head_factory(**{**self.head_kwargs, "input_size": size})
+        return check_head(self.head_factory(**{**self.head_kwargs, "input_size": size}))
 
     # -- steps -----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -396,8 +397,7 @@ class TransferModule(LightningModule):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         logits, mask = self(batch)
         out = {"preds": self.head.decode(logits, mask)}
-        if hasattr(self.head, "probabilities"):
-            out["probs"] = self.head.probabilities(logits, mask)
+        out["probs"] = self.head.probabilities(logits, mask)
         for key in ("sentence_id", "word_offset", "word_mask", "owned_mask"):
             if key in batch:
                 out[key] = batch[key]

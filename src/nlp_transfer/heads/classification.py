@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nlp_transfer.errors import ConfigError
+from nlp_transfer.heads.base import HeadBase
 
 POOLINGS = ("cls", "mean", "max")
 
@@ -23,7 +24,7 @@ def pool_tokens(features: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.
     raise ConfigError(f"head.pooling={mode!r} is not valid; choose one of {list(POOLINGS)}")
 
 
-class SequenceClassificationHead(nn.Module):
+class SequenceClassificationHead(HeadBase):
     """Linear head (``hidden_dim=None``) or a one-hidden-layer MLP with dropout."""
 
     task = "classification"  # the task it fits (checked at start: nlp_transfer.validation)
@@ -64,9 +65,3 @@ class SequenceClassificationHead(nn.Module):
         self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels)
-
-    def decode(self, logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return logits.argmax(-1)
-
-    def probabilities(self, logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return logits.float().softmax(-1)

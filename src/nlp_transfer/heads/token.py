@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nlp_transfer.errors import ConfigError
+from nlp_transfer.heads.base import HeadBase
 
 IGNORE_INDEX = -100
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
@@ -47,7 +48,7 @@ def build_classifier(
     )
 
 
-class TokenHead(nn.Module):
+class TokenHead(HeadBase):
     """Independent per-word softmax classifier over word features."""
 
     task = "sequence_labeling"  # the task it fits (checked at start: nlp_transfer.validation)
@@ -86,11 +87,3 @@ class TokenHead(nn.Module):
             reduction="sum",
         )
         return total / keep.sum().clamp(min=1)
-
-    def decode(self, logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Argmax label id per word ``[B, W]``."""
-        return logits.argmax(-1)
-
-    def probabilities(self, logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-word label distribution ``[B, W, C]``."""
-        return logits.float().softmax(-1)

@@ -33,6 +33,7 @@ from torch import nn
 from nlp_transfer.encoders.base import Encoder
 from nlp_transfer.errors import ConfigError
 from nlp_transfer.heads import head_kwargs
+from nlp_transfer.heads.base import check_head
 from nlp_transfer.metrics.classification import PerClassReport, classification_metrics
 from nlp_transfer.metrics.entity import EntityF1
 from nlp_transfer.module import NonFiniteLossError, TransferModule
@@ -182,7 +183,7 @@ class MultiTaskModule(TransferModule):
                     self.subword_poolers[name] = spec.subword_pooling()
                     task_size = self.subword_poolers[name].output_size(size)
                 kwargs = head_kwargs(spec.head, task_size, spec.labels, encoder.hidden_size)
-                self.heads[name] = spec.head(**kwargs)
+                self.heads[name] = check_head(spec.head(**kwargs))
             except KeyError as e:  # ModuleDict refuses names such as "keys" or "a.b"
                 raise ConfigError(f"task name {name!r} cannot be used ({e})") from e
         self.aux_heads = nn.ModuleDict()
