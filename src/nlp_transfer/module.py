@@ -16,6 +16,7 @@ from pytorch_lightning import Callback, LightningModule
 from torch import nn
 
 from nlp_transfer.data.alignment import merge_window_predictions
+from nlp_transfer.data.batch import Batch
 from nlp_transfer.encoders.base import Encoder
 from nlp_transfer.encoders.fast_dropout import swap_dropout
 from nlp_transfer.errors import ConfigError
@@ -209,7 +210,7 @@ class TransferModule(LightningModule):
 
     # -- forward ---------------------------------------------------------------------------
     def encode_all(
-        self, batch: dict[str, torch.Tensor]
+        self, batch: Batch
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
         """All hidden states, the features the head reads, and their mask."""
         if "hidden_states" in batch:
@@ -223,9 +224,7 @@ class TransferModule(LightningModule):
         feats, mask = self.to_words(feats, batch)
         return hidden, feats, mask
 
-    def encode_subtokens(
-        self, batch: dict[str, torch.Tensor]
-    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    def encode_subtokens(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """All hidden states and the (layer-pooled) per-subtoken features ``[B, T, H]``."""
         ctx = torch.no_grad() if self.frozen_encoder else nullcontext()
         with ctx:
@@ -235,21 +234,19 @@ class TransferModule(LightningModule):
         feats = self.layer_pooling(hidden) if self.layer_pooling is not None else hidden[-1]
         return hidden, feats
 
-    def to_words(
-        self, feats: torch.Tensor, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_words(self, feats: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Subword → word features for sequence labeling; unchanged for classification."""
         if self.subword_pooling is None or "word_map" not in batch:
             return feats, batch["attention_mask"]
         words = self.subword_pooling(feats, batch["word_map"], batch["word_mask"].shape[1])
         return words, batch["word_mask"]
 
-    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Features the head reads, and their mask."""
         _, feats, mask = self.encode_all(batch)
         return feats, mask
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         feats, mask = self.encode(batch)
         return self.head(feats, mask), mask
 
@@ -262,7 +259,7 @@ class TransferModule(LightningModule):
         return check_head(self.head_factory(**{**self.head_kwargs, "input_size": size}))
 
     # -- steps -----------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         if self.subtoken_loss:
             if "subtoken_labels" not in batch:
                 raise ConfigError(
@@ -304,7 +301,7 @@ class TransferModule(LightningModule):
             return True
         return self.global_step % max(1, int(self.trainer.log_every_n_steps or 1)) == 0
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def _eval_step(self, batch: Batch, stage: str) -> torch.Tensor:
         """Update the metrics; returns the predictions (the ``PredictionWriter`` reads them)."""
         hidden, feats, mask = self.encode_all(batch)
         logits = self.head(feats, mask)
@@ -323,7 +320,7 @@ class TransferModule(LightningModule):
         return preds
 
     def _update_entity_metric(
-        self, metric: Any, preds: torch.Tensor, batch: dict[str, torch.Tensor], stage: str
+        self, metric: Any, preds: torch.Tensor, batch: Batch, stage: str
     ) -> None:
         """Whole sentences go straight to the metric; windows of long sentences are kept
         until the epoch ends and scored once merged, so no entity is cut at a window edge."""
@@ -363,10 +360,10 @@ class TransferModule(LightningModule):
             g = torch.tensor([merged_gold[sid]], device=metric.tp.device)
             metric.update(p, g)
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self._eval_step(batch, "val")
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self._eval_step(batch, "test")
 
     def _log_epoch_metrics(self, stage: str) -> dict[str, float]:
@@ -394,7 +391,7 @@ class TransferModule(LightningModule):
             }
             self.test_report.reset()
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
         logits, mask = self(batch)
         out = {"preds": self.head.decode(logits, mask)}
         out["probs"] = self.head.probabilities(logits, mask)

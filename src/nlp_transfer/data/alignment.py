@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from nlp_transfer.data.batch import WordBatch
 from nlp_transfer.data.padding import pad_to
 from nlp_transfer.errors import ConfigError
 
@@ -301,7 +302,7 @@ def _field(example: AlignedExample | Mapping[str, Any], name: str) -> Any:
 
 def collate_aligned(
     examples: Sequence[AlignedExample | Mapping[str, Any]], pad_token_id: int = 0
-) -> dict[str, torch.Tensor]:
+) -> WordBatch:
     """Pad examples (right padding) into a batch of tensors.
 
     Returns ``input_ids`` / ``attention_mask`` / ``word_map`` (``-1`` pad) ``[B, T]``,

@@ -16,6 +16,7 @@ from datasets import Dataset
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
+from nlp_transfer.data.batch import Batch
 from nlp_transfer.data.labels import LabelVocab
 from nlp_transfer.data.readers import find_split_file
 from nlp_transfer.data.sampler import (
@@ -227,7 +228,7 @@ class TransferDataModule(LightningDataModule):
     def tokenize_batch(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         raise NotImplementedError
 
-    def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def collate(self, features: list[dict[str, Any]]) -> Batch:
         raise NotImplementedError
 
     # -- split resolution -----------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 from datasets import Dataset
 
 from nlp_transfer.data.base import TransferDataModule
+from nlp_transfer.data.batch import TokenBatch
 from nlp_transfer.data.padding import pad_to
 from nlp_transfer.data.readers import DEFAULT_ENCODING, Example, read_classification_file
 from nlp_transfer.errors import DataError
@@ -156,11 +157,11 @@ class ClassificationDataModule(TransferDataModule):
             self.datasets[split] = ds
         return ds
 
-    def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def collate(self, features: list[dict[str, Any]]) -> TokenBatch:
         """Dynamic padding: pad to the longest sequence of the batch."""
         pad_id = self.tokenizer.pad_token_id or 0
         ids = pad_to([f["input_ids"] for f in features], pad_id)
-        batch = {
+        batch: TokenBatch = {
             "input_ids": ids,
             "attention_mask": pad_to([[1] * len(f["input_ids"]) for f in features], 0),
             "labels": torch.tensor([f["labels"] for f in features], dtype=torch.long),

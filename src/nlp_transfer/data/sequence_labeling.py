@@ -18,6 +18,7 @@ import torch
 
 from nlp_transfer.data.alignment import align_sentences, collate_aligned, subtoken_label_map_iob2
 from nlp_transfer.data.base import TransferDataModule
+from nlp_transfer.data.batch import WordBatch
 from nlp_transfer.data.conll import Sentence, read_conll, read_hf_token_dataset
 from nlp_transfer.errors import ConfigError, DataError
 from nlp_transfer.tagging import POLICIES, convert_tags, normalize_scheme, validate_tags
@@ -218,7 +219,7 @@ class SequenceLabelingDataModule(TransferDataModule):
         out["sentence_words"] = [length[w.sentence_id] for w in windows]
         return out
 
-    def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def collate(self, features: list[dict[str, Any]]) -> WordBatch:
         batch = collate_aligned(features, pad_token_id=self.tokenizer.pad_token_id or 0)
         if "sentence_words" in features[0]:  # words of the whole sentence, not the window
             batch["sentence_words"] = torch.tensor([f["sentence_words"] for f in features])

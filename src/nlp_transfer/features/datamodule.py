@@ -31,6 +31,7 @@ from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from nlp_transfer.data.base import TransferDataModule, grouped_loader, overfitting
+from nlp_transfer.data.batch import FeatureBatch
 from nlp_transfer.data.sampler import DEFAULT_MEGABATCH_MULT, lengths_of
 from nlp_transfer.encoders.base import Encoder
 from nlp_transfer.errors import ConfigError
@@ -87,7 +88,7 @@ def _pad(items: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lengths
 
 
-def collate_sentences(items: list[tuple[int, np.ndarray, int]]) -> dict[str, torch.Tensor]:
+def collate_sentences(items: list[tuple[int, np.ndarray, int]]) -> FeatureBatch:
     """Pooled sentence vectors as a length-1 sequence each."""
     feats = torch.from_numpy(np.stack([x for _, x, _ in items]))
     return {
@@ -98,7 +99,7 @@ def collate_sentences(items: list[tuple[int, np.ndarray, int]]) -> dict[str, tor
     }
 
 
-def collate_tokens(items: list[tuple[int, np.ndarray, int]]) -> dict[str, torch.Tensor]:
+def collate_tokens(items: list[tuple[int, np.ndarray, int]]) -> FeatureBatch:
     """Token vectors padded like the tokenized batch (mask as ``attention_mask``)."""
     feats, lengths = _pad([x for _, x, _ in items])
     mask = (torch.arange(feats.shape[1])[None, :] < lengths[:, None]).long()
@@ -110,7 +111,7 @@ def collate_tokens(items: list[tuple[int, np.ndarray, int]]) -> dict[str, torch.
     }
 
 
-def collate_words(items: list[tuple[int, np.ndarray, list[int]]]) -> dict[str, torch.Tensor]:
+def collate_words(items: list[tuple[int, np.ndarray, list[int]]]) -> FeatureBatch:
     """Whole sentences of word vectors with the keys the module's NER metric reads."""
     feats, lengths = _pad([x for _, x, _ in items])
     word_mask = torch.arange(feats.shape[1])[None, :] < lengths[:, None]
