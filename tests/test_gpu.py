@@ -40,7 +40,7 @@ def test_default_run_on_the_gpu_uses_auto_precision_and_no_cpu_mechanisms(make_c
     assert not any(isinstance(m, FastDropout) for m in module.modules())
     assert module.encoder.model.config._attn_implementation != ATTENTION_NAME
     assert not any(isinstance(c, EmbeddingGradBuffer) for c in module.configure_callbacks())
-    assert module.clip_norm_shortcut is False
+    assert module.speed.clip_norm_shortcut is False
     for knob in ("fast_dropout", "embedding_grad_buffer", "clip_norm_shortcut"):
         assert metrics[f"speed/{knob}"] is False, knob
     fused = objects["trainer"].optimizers[0].defaults["fused"]

@@ -189,7 +189,7 @@ def test_default_sst2_run_resolves_to_what_the_probe_reports(
         assert stored[f"speed/{knob}"] is row[knob], knob
     has_fast = any(isinstance(m, FastDropout) for m in module.modules())
     assert has_fast is row["fast_dropout"]
-    assert module.clip_norm_shortcut is row["clip_norm_shortcut"]
+    assert module.speed.clip_norm_shortcut is row["clip_norm_shortcut"]
     assert objects["trainer"].optimizers[0].defaults["fused"] is row["fused_adamw"]
     callbacks = module.configure_callbacks()
     assert (
@@ -235,7 +235,7 @@ def test_sklearn_and_multitask_runs_resolve_auto_too(make_cfg, monkeypatch) -> N
     )
     assert metrics["precision"] == want == str(objects["trainer"].precision)
     assert metrics["speed/fast_dropout"] is True  # both CPU kinds: on
-    assert objects["module"].clip_norm_shortcut is True
+    assert objects["module"].speed.clip_norm_shortcut is True
 
 
 def test_clipping_without_the_shortcut_scales_gradients_like_clip_grad_norm() -> None:
@@ -244,11 +244,13 @@ def test_clipping_without_the_shortcut_scales_gradients_like_clip_grad_norm() ->
     from pytorch_lightning import LightningModule
 
     from nlp_transfer.module import TransferModule
+    from nlp_transfer.training.speed import SpeedMachinery
 
     module = TransferModule.__new__(TransferModule)
     LightningModule.__init__(module)
+    module.speed = SpeedMachinery()  # what __init__ sets (defaults)
     module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None))  # type: ignore[assignment]
-    module.clip_norm_shortcut = False
+    module.speed.clip_norm_shortcut = False
     fused_p, plain_p = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
     fused_sgd = torch.optim.SGD([fused_p], lr=0.5, fused=True)
     plain_sgd = torch.optim.SGD([plain_p], lr=0.5)

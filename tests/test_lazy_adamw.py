@@ -190,11 +190,13 @@ def test_clipping_by_value_clamps_the_summed_rows_of_a_sparse_gradient() -> None
     from pytorch_lightning import LightningModule
 
     from nlp_transfer.module import TransferModule
+    from nlp_transfer.training.speed import SpeedMachinery
 
     table = nn.Parameter(torch.zeros(5, 2))
     opt = LazyAdamW([table], lr=0.1)
     module = TransferModule.__new__(TransferModule)
     LightningModule.__init__(module)
+    module.speed = SpeedMachinery()  # what __init__ sets (defaults)
     module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None))
     # row 1 appears twice: 0.4 + 0.4 = 0.8 is clamped to 0.5 after summing, as dense would be
     table.grad = _sparse([1, 1, 3], torch.tensor([[0.4, -2.0], [0.4, 0.0], [0.1, 0.2]]), (5, 2))

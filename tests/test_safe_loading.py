@@ -101,7 +101,7 @@ def test_restore_accepts_the_packages_own_optimizers(trained: dict[str, Any]) ->
     run = read_checkpoint(trained["best"])
     run.config.optimizer._target_ = "nlp_transfer.training.lazy_adamw.LazyAdamW"
     module, _ = restore(run)  # what optimizer=lazy_adamw writes into its checkpoints
-    assert module.lazy_embeddings
+    assert module.speed.lazy_embeddings
 
 
 def test_restore_needs_explicit_trust_remote_code(trained: dict[str, Any]) -> None:

@@ -118,6 +118,7 @@ def test_fused_adamw_clips_under_bf16_like_the_default(make_cfg) -> None:
 
 def test_fused_clipping_norm_and_value() -> None:
     from nlp_transfer.module import TransferModule
+    from nlp_transfer.training.speed import SpeedMachinery
 
     param = torch.nn.Parameter(torch.zeros(4))
     opt = torch.optim.AdamW([param], lr=0.1, fused=True)
@@ -125,6 +126,7 @@ def test_fused_clipping_norm_and_value() -> None:
     fake = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None))
     module = TransferModule.__new__(TransferModule)
     LightningModule.__init__(module)
+    module.speed = SpeedMachinery()  # what __init__ sets (defaults)
     module._trainer = fake  # type: ignore[assignment]
     param.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])
     module.configure_gradient_clipping(opt, 1.0, "norm")
@@ -164,9 +166,11 @@ def test_compiled_encoder_trains_and_keeps_parameter_names(make_cfg) -> None:
 
 def test_finite_loss_checked_every_step_on_cpu_every_log_interval_elsewhere() -> None:
     from nlp_transfer.module import TransferModule
+    from nlp_transfer.training.speed import SpeedMachinery
 
     module = TransferModule.__new__(TransferModule)
     LightningModule.__init__(module)
+    module.speed = SpeedMachinery()  # what __init__ sets (defaults)
     module.check_finite_loss = True
     cpu, meta = torch.zeros(()), torch.zeros((), device="meta")
     for step, on_meta in ((0, True), (49, False), (50, True), (51, False)):

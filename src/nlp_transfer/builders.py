@@ -19,6 +19,7 @@ from nlp_transfer.encoders.base import Encoder
 from nlp_transfer.errors import ConfigError, config_flag
 from nlp_transfer.module import TransferModule
 from nlp_transfer.training.hardware import apply_hardware_settings
+from nlp_transfer.training.speed import SpeedMachinery
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,21 @@ def subtoken_loss_requested(cfg: DictConfig) -> bool:
     return True
 
 
+def build_speed(cfg: DictConfig, compile_allowed: bool = True) -> SpeedMachinery:
+    """The speed mechanisms of ``model.*`` (resolved from ``auto`` by the hardware settings)."""
+    model_cfg = cfg.get("model") or {}
+    compile_encoder = config_flag(model_cfg.get("compile"), "model.compile", False)
+    return SpeedMachinery(
+        compile_encoder=compile_encoder and compile_allowed,
+        embedding_grad_buffer=config_flag(
+            model_cfg.get("embedding_grad_buffer"), "model.embedding_grad_buffer", True
+        ),
+        clip_norm_shortcut=config_flag(
+            model_cfg.get("clip_norm_shortcut"), "model.clip_norm_shortcut", True
+        ),
+    )
+
+
 def build_module(cfg: DictConfig, encoder: Encoder, labels: list[str], task: str) -> TransferModule:
     apply_hardware_settings(cfg)
     model_cfg = cfg.get("model") or {}
@@ -126,13 +142,7 @@ def build_module(cfg: DictConfig, encoder: Encoder, labels: list[str], task: str
         check_finite_loss=config_flag(
             model_cfg.get("check_finite_loss"), "model.check_finite_loss", True
         ),
-        compile_encoder=config_flag(model_cfg.get("compile"), "model.compile", False),
-        embedding_grad_buffer=config_flag(
-            model_cfg.get("embedding_grad_buffer"), "model.embedding_grad_buffer", True
-        ),
-        clip_norm_shortcut=config_flag(
-            model_cfg.get("clip_norm_shortcut"), "model.clip_norm_shortcut", True
-        ),
+        speed=build_speed(cfg),
         subtoken_loss=task == "sequence_labeling" and subtoken_loss_requested(cfg),
         run_config=plain_config(cfg),
     )

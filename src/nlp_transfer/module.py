@@ -18,24 +18,17 @@ from torch import nn
 from nlp_transfer.data.alignment import merge_window_predictions
 from nlp_transfer.data.batch import Batch
 from nlp_transfer.encoders.base import Encoder
-from nlp_transfer.encoders.fast_dropout import swap_dropout
 from nlp_transfer.errors import ConfigError
 from nlp_transfer.heads import head_kwargs
 from nlp_transfer.heads.base import Head, check_head
 from nlp_transfer.metrics.classification import PerClassReport, classification_metrics
 from nlp_transfer.metrics.entity import EntityF1
 from nlp_transfer.strategies.base import TrainableSpec, TransferStrategy
-from nlp_transfer.training.embedding_grad import EmbeddingGradBuffer, uses_lazy_optimizer
-from nlp_transfer.training.grad_norm import total_norm
 from nlp_transfer.training.param_groups import optimizer_defaults, torch_param_groups
 from nlp_transfer.training.schedulers import with_step_schedule
+from nlp_transfer.training.speed import SpeedMachinery
 
 log = logging.getLogger(__name__)
-
-
-def _clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """The factor ``clip_grad_norm_`` scales gradients by: ``max_norm / norm``, at most 1."""
-    return (float(max_norm) / (norm + 1e-6)).clamp(max=1.0)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -58,15 +51,9 @@ class TransferModule(LightningModule):
         subword_pooling: sequence labeling only: subword → word features.
         run_config: the resolved run config as plain data, saved in checkpoints so that
             eval/predict/export can rebuild the model.
-        compile_encoder: ``torch.compile`` the encoder (dynamic shapes), after the strategy
-            has set it up.
-        embedding_grad_buffer: vocabulary embeddings add their gradient into one reused
-            buffer (:class:`EmbeddingGradBuffer`, single-process CPU runs, not compiled).
-            With ``optimizer=lazy_adamw`` the same callback keeps their gradients sparse
-            whatever this flag says (not compiled).
-        clip_norm_shortcut: with a fused optimizer, clipping by norm hands the clip factor
-            to the fused kernel and reads only the buffered embedding rows for the norm
-            (:meth:`configure_gradient_clipping`); off: a full norm and a scaling pass.
+        speed: the speed mechanisms the hardware settings chose
+            (:class:`~nlp_transfer.training.speed.SpeedMachinery`; default: none but the
+            embedding-gradient buffer and the clipping shortcut, which keep the numbers).
         subtoken_loss: sequence labeling (``data.label_all_subtokens``): the training loss
             is the head's loss over every subtoken (``subtoken_labels``), the head reading
             subtoken features; validation, test and prediction stay at word level.
@@ -86,9 +73,7 @@ class TransferModule(LightningModule):
         log_grad_norm: bool = False,
         check_finite_loss: bool = True,
         run_config: dict[str, Any] | None = None,
-        compile_encoder: bool = False,
-        embedding_grad_buffer: bool = True,
-        clip_norm_shortcut: bool = True,
+        speed: SpeedMachinery | None = None,
         subtoken_loss: bool = False,
     ) -> None:
         super().__init__()
@@ -120,22 +105,12 @@ class TransferModule(LightningModule):
         self.scheduler_factory = scheduler
         self.log_grad_norm = log_grad_norm
         self.check_finite_loss = check_finite_loss
-        self.embedding_grad_buffer = embedding_grad_buffer and not compile_encoder
-        self.clip_norm_shortcut = clip_norm_shortcut
-        lazy = uses_lazy_optimizer(self)
-        self.lazy_embeddings = lazy and not compile_encoder
-        if compile_encoder and lazy:
-            log.warning(
-                "optimizer LazyAdamW with model.compile=true: the compiled encoder keeps "
-                "dense embedding gradients, so every update is plain AdamW"
-            )
+        self.speed = speed if speed is not None else SpeedMachinery()
         self.run_config = run_config or {}
         self.strategy = strategy
         self._build_metrics()
         self.spec: TrainableSpec = strategy.compile(self)
-        if compile_encoder:
-            # in place (nn.Module.compile): parameter names, hence checkpoints, unchanged
-            self.encoder.compile(dynamic=True)
+        self.speed.attach(self)
         self.last_test_report: dict[str, float] = {}
         self._window_buffer: dict[str, list[Any]] = {}
 
@@ -195,8 +170,7 @@ class TransferModule(LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
-        if getattr(self.encoder, "fast_dropout", False):
-            swap_dropout(self)  # heads, auxiliary heads, adapters: cheap masks as the encoder
+        self.speed.setup(self)
 
     def on_train_start(self) -> None:
         # Lightning 2.x restores the modes modules had before fit instead of calling
@@ -439,9 +413,7 @@ class TransferModule(LightningModule):
         )
 
     def configure_callbacks(self) -> list[Callback]:
-        # model-owned: a speed setting that must not vanish with callbacks=none
-        wanted = self.embedding_grad_buffer or self.lazy_embeddings
-        return [EmbeddingGradBuffer()] if wanted else []
+        return self.speed.callbacks()
 
     def configure_gradient_clipping(
         self,
@@ -449,51 +421,7 @@ class TransferModule(LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Clip as Lightning does, also for fused optimizers under bf16.
-
-        Lightning's mixed-precision plugin refuses to clip for any optimizer that unscales
-        gradients itself (fused AdamW), because under fp16 the gradients are still scaled
-        at that point. bf16 has no loss scaler, so the gradients are already true values
-        and clipping them is what the unfused path does. Clipping by norm is handed to the
-        fused kernel as its ``grad_scale`` (it divides each gradient as it reads it), which
-        saves a pass over all gradients; the update equals ``clip_grad_norm_`` + step.
-        With ``clip_norm_shortcut`` off the gradients are scaled in place instead.
-        """
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        fused = scaler is None and getattr(optimizer, "_step_supports_amp_scaling", False)
-        if fused:
-            optimizer.grad_scale = None  # type: ignore[attr-defined]
-        if gradient_clip_val and fused:
-            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            if gradient_clip_algorithm == "value":
-                dense = [p for p in params if not p.grad.is_sparse]
-                if dense:
-                    torch.nn.utils.clip_grad_value_(dense, gradient_clip_val)
-                for p in params:  # lazy embeddings: clamp the (summed) values of each row
-                    if p.grad.is_sparse:
-                        p.grad = p.grad.coalesce()
-                        p.grad._values().clamp_(-gradient_clip_val, gradient_clip_val)
-            elif params and not getattr(self, "clip_norm_shortcut", True):
-                coef = _clip_coefficient(total_norm([p.grad for p in params]), gradient_clip_val)
-                dense = [p.grad for p in params if not p.grad.is_sparse]
-                if dense:
-                    torch._foreach_mul_(dense, coef)
-                for p in params:
-                    if p.grad.is_sparse:  # lazy embeddings: scale the (summed) row values
-                        p.grad = p.grad.coalesce()
-                        p.grad._values().mul_(coef)
-            elif params:
-                # looked up, not kept on the module: the callback's hooks do not pickle
-                callbacks = getattr(self._trainer, "callbacks", None) or []
-                buffer = next((c for c in callbacks if isinstance(c, EmbeddingGradBuffer)), None)
-                if buffer is not None:  # reads only the written rows of embedding gradients
-                    norm = buffer.total_grad_norm(params)
-                else:
-                    norm = total_norm([p.grad for p in params])
-                coef = _clip_coefficient(norm, gradient_clip_val)
-                optimizer.grad_scale = coef.reciprocal().float()  # type: ignore[attr-defined]
-            return
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.speed.clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self.log_grad_norm:

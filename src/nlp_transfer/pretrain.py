@@ -39,7 +39,6 @@ from transformers import (
 from nlp_transfer.builders import build_callbacks, build_loggers, check_required, plain_config
 from nlp_transfer.data.base import check_megabatch_mult, grouped_loader
 from nlp_transfer.errors import ConfigError, DataError, config_flag
-from nlp_transfer.module import TransferModule
 from nlp_transfer.strategies.base import ParamGroup
 from nlp_transfer.training.hardware import apply_hardware_settings, metrics_record
 from nlp_transfer.training.loop_state import ResumeState
@@ -53,6 +52,7 @@ from nlp_transfer.training.run import (
     trainer_plugins,
 )
 from nlp_transfer.training.schedulers import with_step_schedule
+from nlp_transfer.training.speed import SpeedMachinery
 from nlp_transfer.utils.io import atomic_write_json, guard_new_output
 from nlp_transfer.utils.resolvers import CONFIG_DIR
 
@@ -254,6 +254,7 @@ class MaskedLMModule(LightningModule):
         self.run_config = run_config or {}
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.speed = SpeedMachinery()  # only its clipping: also for fused AdamW under bf16
 
     def on_train_start(self) -> None:
         # from_pretrained returns eval mode and Lightning restores the modes modules had
@@ -278,8 +279,14 @@ class MaskedLMModule(LightningModule):
         if loss is not None:
             self.log("val/perplexity", torch.exp(loss.detach().float()))
 
-    # clipping as in fine-tuning: also for fused AdamW under bf16 (where Lightning refuses)
-    configure_gradient_clipping = TransferModule.configure_gradient_clipping
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # as in fine-tuning: also for fused AdamW under bf16 (where Lightning refuses)
+        self.speed.clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # what resume expects of a training checkpoint (task "mlm": no labels, no head)

@@ -39,7 +39,7 @@ from nlp_transfer.metrics.entity import EntityF1
 from nlp_transfer.module import NonFiniteLossError, TransferModule
 from nlp_transfer.multitask.adapters import PrivateAdapters
 from nlp_transfer.strategies.base import ParamGroup, TransferStrategy
-from nlp_transfer.training.embedding_grad import uses_lazy_optimizer
+from nlp_transfer.training.speed import SpeedMachinery
 
 TASK_TYPES = ("classification", "sequence_labeling")
 DEFAULT_PRIMARY = {"classification": "acc", "sequence_labeling": "f1"}
@@ -118,8 +118,8 @@ class MultiTaskModule(TransferModule):
         private_adapters: LoRA settings ``{r, alpha, dropout, target_modules, bias}`` for
             one private adapter per task (see :mod:`nlp_transfer.multitask.adapters`),
             or ``None``.
-        log_grad_norm / check_finite_loss / embedding_grad_buffer / clip_norm_shortcut /
-            run_config: as for :class:`TransferModule`.
+        log_grad_norm / check_finite_loss / speed / run_config: as for
+            :class:`TransferModule` (``speed`` never compiles the shared encoder).
     """
 
     def __init__(
@@ -135,8 +135,7 @@ class MultiTaskModule(TransferModule):
         log_grad_norm: bool = False,
         check_finite_loss: bool = True,
         run_config: dict[str, Any] | None = None,
-        embedding_grad_buffer: bool = True,
-        clip_norm_shortcut: bool = True,
+        speed: SpeedMachinery | None = None,
     ) -> None:
         # TransferModule.__init__ builds a single head; the same pieces are built here,
         # in the same order (a one-task model draws the same random init)
@@ -191,9 +190,7 @@ class MultiTaskModule(TransferModule):
         self.scheduler_factory = scheduler
         self.log_grad_norm = log_grad_norm
         self.check_finite_loss = check_finite_loss
-        self.embedding_grad_buffer = embedding_grad_buffer
-        self.clip_norm_shortcut = clip_norm_shortcut
-        self.lazy_embeddings = uses_lazy_optimizer(self)
+        self.speed = speed if speed is not None else SpeedMachinery()
         self.run_config = run_config or {}
         self.strategy = strategy
         self._build_metrics()
@@ -202,6 +199,7 @@ class MultiTaskModule(TransferModule):
         if private_adapters:
             self.private_adapters = PrivateAdapters(encoder, list(self.tasks), **private_adapters)
             self.spec.groups.append(ParamGroup("private_lora", self.private_adapters.parameters()))
+        self.speed.attach(self)
         self.test_tasks = list(self.tasks)
         self.last_test_report: dict[str, float] = {}
         self._window_buffer: dict[str, list[Any]] = {}

@@ -36,7 +36,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from nlp_transfer.builders import build_encoder, plain_config
+from nlp_transfer.builders import build_encoder, build_speed, plain_config
 from nlp_transfer.checkpoint import check_fits, read_checkpoint
 from nlp_transfer.data.base import TransferDataModule
 from nlp_transfer.encoders.base import Encoder
@@ -174,12 +174,7 @@ def build_multitask_module(
         check_finite_loss=config_flag(
             model_cfg.get("check_finite_loss"), "model.check_finite_loss", True
         ),
-        embedding_grad_buffer=config_flag(
-            model_cfg.get("embedding_grad_buffer"), "model.embedding_grad_buffer", True
-        ),
-        clip_norm_shortcut=config_flag(
-            model_cfg.get("clip_norm_shortcut"), "model.clip_norm_shortcut", True
-        ),
+        speed=build_speed(cfg, compile_allowed=False),
         run_config=plain_config(cfg),
     )
 
