@@ -456,15 +456,17 @@ def compose_train_config(overrides: list[str], workdir: Path, run: str = "run") 
 
 
 def train_with_timer(cfg: Any, timer: StepTimer) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``nlp_transfer.train.train(cfg)`` with ``timer`` added to the config's callbacks."""
+    """``nlp_transfer.train.train(cfg)`` with ``timer`` added to the config's callbacks
+    (patched where ``fit_and_score`` looks them up)."""
     import nlp_transfer.train as train_module
+    import nlp_transfer.training.run as run_module
 
-    build = train_module.build_callbacks
-    train_module.build_callbacks = lambda c: [*build(c), timer]
+    build = run_module.build_callbacks
+    run_module.build_callbacks = lambda c: [*build(c), timer]
     try:
         return train_module.train(cfg)
     finally:
-        train_module.build_callbacks = build
+        run_module.build_callbacks = build
 
 
 def run_template(variant: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
