@@ -13,11 +13,13 @@ from transformers import pipeline
 
 from nlp_transfer.checkpoint import read_checkpoint, restore
 from nlp_transfer.data.sequence_labeling import split_words
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.export import export, export_module, load_export
 from nlp_transfer.heads.classification import SequenceClassificationHead
 from nlp_transfer.module import TransferModule
 from nlp_transfer.predict import predict_texts
 from nlp_transfer.safe_targets import UnsafeConfigError
+from nlp_transfer.strategies.base import TransferStrategy
 from nlp_transfer.train import train
 
 TEXTS = [
@@ -205,3 +207,7 @@ def test_export_with_a_users_head_loads_when_opted_in(make_cfg, tmp_path: Path) 
         load_export(out)  # not opted in: refused
     loaded, _ = load_export(out, extra_targets=[target])
     assert type(loaded.head) is UserHead
+    # a predictor: no optimizer, no strategy of the training run behind it
+    assert loaded.optimizer_factory is None and type(loaded.strategy) is TransferStrategy
+    with pytest.raises(ConfigError, match="built for prediction"):
+        loaded.configure_optimizers()

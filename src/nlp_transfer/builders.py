@@ -119,17 +119,25 @@ def build_speed(cfg: DictConfig, compile_allowed: bool = True) -> SpeedMachinery
     )
 
 
-def build_module(cfg: DictConfig, encoder: Encoder, labels: list[str], task: str) -> TransferModule:
+def build_module(
+    cfg: DictConfig, encoder: Encoder, labels: list[str], task: str, predict_only: bool = False
+) -> TransferModule:
+    """The module of ``cfg``; ``predict_only``: without strategy and optimizer (an export
+    has neither), for prediction."""
     apply_hardware_settings(cfg)
     model_cfg = cfg.get("model") or {}
     return TransferModule(
         encoder=encoder,
         head=instantiate(cfg.head, _partial_=True),
-        strategy=instantiate(cfg.strategy),
+        strategy=None if predict_only else instantiate(cfg.strategy),
         labels=labels,
         task=task,
-        optimizer=instantiate(cfg.optimizer, _partial_=True),
-        scheduler=instantiate(cfg.scheduler, _partial_=True) if cfg.get("scheduler") else None,
+        optimizer=None if predict_only else instantiate(cfg.optimizer, _partial_=True),
+        scheduler=(
+            instantiate(cfg.scheduler, _partial_=True)
+            if cfg.get("scheduler") and not predict_only
+            else None
+        ),
         layer_pooling=(
             instantiate(cfg.layer_pooling, _partial_=True) if cfg.get("layer_pooling") else None
         ),

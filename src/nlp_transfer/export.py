@@ -319,8 +319,6 @@ def load_export(
                 "name_or_path": str(path),
                 "max_length": meta["max_length"],
             },
-            "strategy": {"_target_": "nlp_transfer.strategies.simple.FullFineTuning"},
-            "optimizer": {"_target_": "torch.optim.AdamW", "lr": 0.0},
             "head": meta["head"],
             "layer_pooling": meta["layer_pooling"],
             "subword_pooling": meta["subword_pooling"],
@@ -335,7 +333,7 @@ def load_export(
     # the folder's configs build only our components and the ones the caller opts in
     check_stored_config(cfg, str(meta_file), extra_targets=extra_targets)
     encoder = hydra.utils.instantiate(cfg.encoder)
-    module = build_module(cfg, encoder, meta["labels"], meta["task"])
+    module = build_module(cfg, encoder, meta["labels"], meta["task"], predict_only=True)
     state = load_file(str(path / HEAD_WEIGHTS))
     missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [k for k in missing if k.startswith(EXPORTED_PARTS)]

@@ -41,10 +41,12 @@ class TransferModule(LightningModule):
     Args:
         encoder: a built :class:`Encoder`.
         head: partial taking ``input_size`` and ``num_labels``.
-        strategy: a :class:`TransferStrategy`.
+        strategy: a :class:`TransferStrategy`; ``None`` for a module that only predicts
+            (the base class's hooks: nothing frozen, no extra loss, nothing to merge).
         labels: label vocabulary (stored in checkpoints).
         task: ``classification`` or ``sequence_labeling``.
-        optimizer: partial taking parameter groups (its ``lr`` is the base LR).
+        optimizer: partial taking parameter groups (its ``lr`` is the base LR); ``None`` for
+            a module that only predicts (``fit`` then stops with a ``ConfigError``).
         scheduler: partial taking ``optimizer`` and ``num_training_steps``, or ``None``.
         layer_pooling: partial taking ``num_hidden_states`` and ``hidden_size``; ``None``
             means the last hidden state.
@@ -63,9 +65,9 @@ class TransferModule(LightningModule):
         self,
         encoder: Encoder,
         head: Callable[..., nn.Module],
-        strategy: TransferStrategy,
+        strategy: TransferStrategy | None,
         labels: list[str],
-        optimizer: Callable[..., torch.optim.Optimizer],
+        optimizer: Callable[..., torch.optim.Optimizer] | None,
         task: str = "classification",
         scheduler: Callable[..., Any] | None = None,
         layer_pooling: Callable[..., nn.Module] | None = None,
@@ -107,9 +109,9 @@ class TransferModule(LightningModule):
         self.check_finite_loss = check_finite_loss
         self.speed = speed if speed is not None else SpeedMachinery()
         self.run_config = run_config or {}
-        self.strategy = strategy
+        self.strategy = strategy if strategy is not None else TransferStrategy()
         self._build_metrics()
-        self.spec: TrainableSpec = strategy.compile(self)
+        self.spec: TrainableSpec = self.strategy.compile(self)
         self.speed.attach(self)
         self.last_test_report: dict[str, float] = {}
         self._window_buffer: dict[str, list[Any]] = {}
@@ -390,6 +392,11 @@ class TransferModule(LightningModule):
         return groups
 
     def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise ConfigError(
+                "this module was built for prediction (no optimizer); build it from a "
+                "training config to fit it"
+            )
         groups = self.optimizer_groups()
         optimizer = self.optimizer_factory(groups)
         counts = self.parameter_counts()
