@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from nlp_transfer.data.classification import ClassificationDataModule
 from nlp_transfer.data.readers import read_classification_file
 from nlp_transfer.data.sequence_labeling import SequenceLabelingDataModule
+from nlp_transfer.errors import DataError
 from tests.conftest import compose_config
 from tests.test_bad_input_corpus import DEMO_JSONL, _build_checkpoint
 
@@ -181,3 +182,39 @@ def test_predict_reads_conll_with_the_checkpoints_settings(checkpoints, tmp_path
     rows = [json.loads(x) for x in predict(cfg).read_text().splitlines()]
     assert [r["tokens"] for r in rows] == [["#hashtag", "New York"], ["Anna"]]
     assert [len(r["tags"]) for r in rows] == [2, 1]
+
+
+@pytest.fixture
+def restore_formats():
+    from nlp_transfer.data import readers
+
+    before = dict(readers.FORMATS)
+    yield
+    readers.FORMATS.clear()
+    readers.FORMATS.update(before)
+
+
+def test_a_new_format_is_one_registered_reader(tmp_path: Path, restore_formats: None) -> None:
+    """Registering a row reader is all a format needs: the reader, the field checks and the
+    datamodule's split-file search pick it up (fastText-style ``__label__x text`` lines)."""
+    from nlp_transfer.data import readers
+
+    @readers.register_format(".ft")
+    def read_fasttext_rows(path: Path, text: str, fields: list[str]) -> list[tuple[int, dict]]:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            label, _, rest = line.partition(" ")
+            rows.append((n, {"label": label.removeprefix("__label__"), "text": rest}))
+        return rows
+
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "train.ft").write_text("__label__pos a fine film\n__label__neg dull\n__label__pos ok\n")
+    data = ClassificationDataModule(data_dir=str(d))
+    data.load_examples()
+    assert data.labels == ["neg", "pos"]
+    sources = {e.source for split in data.examples.values() for e in split}
+    assert sources <= {f"{d / 'train.ft'}:{n}" for n in (1, 2, 3)}
+    (d / "bad.ft").write_text("__label__pos \n")
+    with pytest.raises(DataError, match=r"bad.ft:1: empty text"):
+        read_classification_file(d / "bad.ft")

@@ -11,7 +11,12 @@ from datasets import Dataset
 from nlp_transfer.data.base import TransferDataModule
 from nlp_transfer.data.batch import TokenBatch
 from nlp_transfer.data.padding import pad_to
-from nlp_transfer.data.readers import DEFAULT_ENCODING, Example, read_classification_file
+from nlp_transfer.data.readers import (
+    DEFAULT_ENCODING,
+    FORMATS,
+    Example,
+    read_classification_file,
+)
 from nlp_transfer.errors import DataError
 
 
@@ -29,7 +34,11 @@ class ClassificationDataModule(TransferDataModule):
     """
 
     task = "classification"
-    suffixes = (".jsonl", ".json", ".csv", ".tsv")
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:  # type: ignore[override]
+        """Every registered file format (:func:`~nlp_transfer.data.readers.register_format`)."""
+        return tuple(FORMATS)
 
     def __init__(
         self,

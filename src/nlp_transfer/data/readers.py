@@ -1,7 +1,10 @@
-"""Readers for classification files: JSONL, CSV and TSV.
+"""Readers for classification files: JSONL, CSV and TSV, and the seam for more.
 
-Each reader yields :class:`Example` records and raises :class:`DataError` naming the
-file and line of anything malformed.
+A file format is one *row reader* registered for its extensions with
+:func:`register_format`: ``reader(path, text, fields) -> [(line, {field: value})]``. Field
+checks, label typing and :class:`Example` records are shared (:func:`read_classification_file`),
+and the classification datamodule looks for ``train<ext>`` for every registered extension.
+Readers raise :class:`DataError` naming the file and line of anything malformed.
 
 Decisions on ambiguous input (nothing is silently reinterpreted):
 
@@ -21,14 +24,31 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nlp_transfer.errors import DataError
 
-FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 DEFAULT_ENCODING = "utf-8-sig"
+
+RowReader = Callable[[Path, str, list[str]], list[tuple[int, dict]]]
+"""``(path, decoded text, the fields the config asks for) -> [(line number, row)]``."""
+FORMATS: dict[str, RowReader] = {}  # file extension (lower case, with the dot) → reader
+
+
+def register_format(*suffixes: str) -> Callable[[RowReader], RowReader]:
+    """Register a row reader for ``suffixes`` (e.g. ``".ndjson"``); use as a decorator."""
+
+    def register(reader: RowReader) -> RowReader:
+        for suffix in suffixes:
+            if not suffix.startswith("."):
+                raise ValueError(f"register_format: {suffix!r} must start with '.'")
+            FORMATS[suffix.lower()] = reader
+        return reader
+
+    return register
 
 
 @dataclass(frozen=True)
@@ -91,12 +111,11 @@ def read_classification_file(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    fmt = FORMATS.get(path.suffix.lower())
-    if fmt is None:
+    reader = FORMATS.get(path.suffix.lower())
+    if reader is None:
         raise DataError(f"{path}: unknown file type '{path.suffix}'; use one of {sorted(FORMATS)}")
     fields = [f for f in (text_field, text_pair_field, label_field) if f]
-    text = read_text_file(path, encoding)
-    rows = _read_jsonl(path, text) if fmt == "jsonl" else _read_delimited(path, text, fmt, fields)
+    rows = reader(path, read_text_file(path, encoding), fields)
     examples = []
     label_type: tuple[type, int] | None = None  # (type, line) of the first label
     for line, row in rows:
@@ -168,7 +187,9 @@ def _split_lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
-def _read_jsonl(path: Path, text: str) -> list[tuple[int, dict]]:
+@register_format(".jsonl", ".json")
+def read_jsonl_rows(path: Path, text: str, fields: list[str]) -> list[tuple[int, dict]]:
+    """One JSON object per line."""
     rows = []
     for line_no, line in enumerate(_split_lines(text), start=1):
         if not line.strip():
@@ -181,6 +202,18 @@ def _read_jsonl(path: Path, text: str) -> list[tuple[int, dict]]:
             raise DataError(f"{path}:{line_no}: expected a JSON object, got {_json_type(row)}")
         rows.append((line_no, row))
     return rows
+
+
+@register_format(".csv")
+def read_csv_rows(path: Path, text: str, fields: list[str]) -> list[tuple[int, dict]]:
+    """Comma-separated with a header row and standard CSV quoting."""
+    return _read_delimited(path, text, "csv", fields)
+
+
+@register_format(".tsv")
+def read_tsv_rows(path: Path, text: str, fields: list[str]) -> list[tuple[int, dict]]:
+    """Tab-separated with a header row, no quoting."""
+    return _read_delimited(path, text, "tsv", fields)
 
 
 def _read_delimited(path: Path, text: str, fmt: str, fields: list[str]) -> list[tuple[int, dict]]:
