@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from nlp_transfer.builders import (
@@ -36,9 +37,11 @@ from nlp_transfer.checkpoint import (
     check_fits,
     read_checkpoint,
 )
+from nlp_transfer.errors import ConfigError
 from nlp_transfer.training.hardware import apply_hardware_settings
 from nlp_transfer.training.loop_state import ResumeState
 from nlp_transfer.training.run import (
+    Runner,
     check_stored_config,
     disk_full_hint,
     fit_and_score,
@@ -55,19 +58,35 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fit, validate and test the best checkpoint; write ``metrics.json``."""
+    """Check the config, then run it with its runner (``runner._target_``: Lightning,
+    sklearn heads or multi-task); returns ``(metrics, objects)``."""
     check_required(cfg)
     apply_hardware_settings(cfg)  # precision/speed `auto`: once, before anything is built
     validate_train_config(cfg)  # bad values, head/strategy/monitor that do not fit the task
     subtoken_loss_requested(cfg)  # refuses the combinations that cannot train on subtokens
-    if cfg.head.get("kind") == "sklearn":  # SVM / random forest / logreg on frozen features
-        from nlp_transfer.features.sklearn_train import train_sklearn
+    runner: Runner = instantiate(cfg.runner) if cfg.get("runner") else LightningRunner()
+    return runner(cfg)
 
-        return train_sklearn(cfg)
-    if cfg.get("tasks"):  # several tasks sharing one encoder
-        from nlp_transfer.multitask.train import train_multitask
 
-        return train_multitask(cfg)
+class LightningRunner:
+    """One task trained with Lightning (``runner=lightning``, the default)."""
+
+    def __call__(self, cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+        if cfg.get("tasks"):
+            raise ConfigError(
+                "tasks.* is set but runner=lightning trains one task: multi-task runs need "
+                "runner=multitask (experiment=multitask_demo and multitask_sst2_conll set it)"
+            )
+        if cfg.head.get("kind") == "sklearn":
+            raise ConfigError(
+                "head.kind=sklearn needs runner=sklearn (head=svm|logreg|random_forest select "
+                "it; a later runner=... override replaced it)"
+            )
+        return train_lightning(cfg)
+
+
+def train_lightning(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit, validate and test the best checkpoint of one task; write ``metrics.json``."""
     plan = plan_run(cfg)
     if plan.ckpt_path is not None:  # a stored config is file data: refuse hostile ones first
         check_stored_config(cfg, plan.ckpt_path)

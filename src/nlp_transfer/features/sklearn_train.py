@@ -193,6 +193,19 @@ def fitted_parameter_count(estimator: Any) -> int | None:
     return int(sum(np.asarray(a).size for a in arrays))
 
 
+class SklearnRunner:
+    """A scikit-learn estimator on frozen features (``runner=sklearn``, set by the sklearn
+    heads)."""
+
+    def __call__(self, cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+        if cfg.head.get("kind") != "sklearn":
+            raise ConfigError(
+                f"runner=sklearn needs a sklearn head (head=svm|logreg|random_forest), not "
+                f"head._target_={cfg.head.get('_target_')}"
+            )
+        return train_sklearn(cfg)
+
+
 def train_sklearn(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit ``head.estimator`` on frozen features, score val/test, save the model (joblib)
     and ``metrics.json``; returns ``(metrics, objects)`` like :func:`nlp_transfer.train.train`."""

@@ -210,6 +210,14 @@ def trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
     return {}
 
 
+class MultiTaskRunner:
+    """Several tasks sharing one encoder (``runner=multitask``, set by the multi-task
+    experiments)."""
+
+    def __call__(self, cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+        return train_multitask(cfg)
+
+
 def train_multitask(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Like :func:`nlp_transfer.train.train` for ``cfg.tasks``: fit, validate and test the
     best checkpoint, write ``metrics.json``; returns ``(metrics, objects)``.

@@ -13,7 +13,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import hydra
 import torch
@@ -62,6 +62,14 @@ def _check_output_dir(out_dir: Path, resuming: bool) -> None:
     reason = output_dir_refusal(out_dir, resuming)
     if reason:
         raise OutputExistsError(reason)
+
+
+class Runner(Protocol):
+    """How a run trains (``runner._target_``): ``train`` hands it the checked config."""
+
+    def __call__(self, cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Run ``cfg``; return ``(metrics, objects)`` (objects: trainer, module, ...)."""
+        ...
 
 
 def plan_run(cfg: DictConfig) -> RunPlan:
