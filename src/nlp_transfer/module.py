@@ -26,7 +26,7 @@ from nlp_transfer.metrics.entity import EntityF1
 from nlp_transfer.strategies.base import TrainableSpec, TransferStrategy
 from nlp_transfer.training.param_groups import optimizer_defaults, torch_param_groups
 from nlp_transfer.training.schedulers import with_step_schedule
-from nlp_transfer.training.speed import SpeedMachinery
+from nlp_transfer.training.speed import SpeedClipping, SpeedMachinery
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class NonFiniteLossError(FloatingPointError):
     """Raised when the training loss becomes NaN or infinite."""
 
 
-class TransferModule(LightningModule):
+class TransferModule(SpeedClipping, LightningModule):
     """Composes an encoder, a head and a transfer strategy.
 
     Args:
@@ -421,14 +421,6 @@ class TransferModule(LightningModule):
 
     def configure_callbacks(self) -> list[Callback]:
         return self.speed.callbacks()
-
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        self.speed.clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self.log_grad_norm:

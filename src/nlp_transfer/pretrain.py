@@ -52,7 +52,7 @@ from nlp_transfer.training.run import (
     trainer_plugins,
 )
 from nlp_transfer.training.schedulers import with_step_schedule
-from nlp_transfer.training.speed import SpeedMachinery
+from nlp_transfer.training.speed import SpeedClipping, SpeedMachinery
 from nlp_transfer.utils.io import atomic_write_json, guard_new_output
 from nlp_transfer.utils.resolvers import CONFIG_DIR
 
@@ -239,7 +239,7 @@ def load_mlm_model(cfg: DictConfig) -> tuple[PreTrainedModel, bool]:
     return model, bool(head_missing)
 
 
-class MaskedLMModule(LightningModule):
+class MaskedLMModule(SpeedClipping, LightningModule):
     """A transformers masked-LM model trained on its own loss."""
 
     def __init__(
@@ -278,15 +278,6 @@ class MaskedLMModule(LightningModule):
         loss = self.trainer.callback_metrics.get("val/loss")
         if loss is not None:
             self.log("val/perplexity", torch.exp(loss.detach().float()))
-
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        # as in fine-tuning: also for fused AdamW under bf16 (where Lightning refuses)
-        self.speed.clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # what resume expects of a training checkpoint (task "mlm": no labels, no head)

@@ -131,3 +131,17 @@ class SpeedMachinery:
                 norm = total_norm([p.grad for p in params])
             coef = clip_coefficient(norm, gradient_clip_val)
             optimizer.grad_scale = coef.reciprocal().float()  # type: ignore[attr-defined]
+
+
+class SpeedClipping:
+    """LightningModule mixin: gradient clipping through the module's ``self.speed``."""
+
+    speed: SpeedMachinery
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        self.speed.clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # type: ignore[arg-type]
