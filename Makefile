@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: bench bench-speed gpu-check help install train eval predict export test test-full test-slurm lint format clean clean-logs clean-cache demo-data
+.PHONY: bench bench-speed gpu-check help install train eval predict export test test-heavy test-full test-slurm lint format clean clean-logs clean-cache demo-data
 
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -36,8 +36,11 @@ predict: install  ## predict: ARGS="ckpt_path=<ckpt> input=<file or ->"
 export: install  ## export for transformers: ARGS="ckpt_path=<ckpt> output_dir=<dir>"
 	$(PY) -m nlp_transfer.export $(ARGS)
 
-test: install  ## fast tests (under ~10 minutes on 2 CPU cores)
+test: install  ## fast tests (under ~8 minutes on 2 CPU cores)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-heavy: install  ## multi-process and CLI tests of the tiny model (about 5 minutes; CI runs them)
+	$(PY) -m pytest -q -m heavy $(PYTEST_ARGS)
 
 test-full: install  ## every test, including slow ones (real MiniLM, real data, DDP)
 	$(PY) -m pytest -q -m "not slurm" $(PYTEST_ARGS)

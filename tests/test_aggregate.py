@@ -318,6 +318,7 @@ def test_job_completed(sweep: Path) -> None:
     assert not job_completed(sweep / "2")
 
 
+@pytest.mark.heavy
 def test_real_multirun(tmp_path: Path) -> None:
     """One real 2×2 multirun (~25 s): the callback aggregates it at the end."""
     cmd = [

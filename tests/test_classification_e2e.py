@@ -117,6 +117,7 @@ def test_predict_writes_jsonl(trained: tuple[dict, Path], make_cfg, tmp_path: Pa
         predict(make_cfg(*cfg_args, f"output={out}", name="predict", run="pred2"))
 
 
+@pytest.mark.heavy
 def test_predict_from_stdin_cli(trained: tuple[dict, Path], tmp_path: Path) -> None:
     metrics, _ = trained
     out = tmp_path / "stdin_preds.jsonl"
@@ -158,6 +159,7 @@ def test_export_reloads_with_same_predictions(trained: tuple[dict, Path], make_c
         export(cfg)  # never writes into an existing export
 
 
+@pytest.mark.heavy
 def test_cli_two_runs_same_second_get_distinct_dirs(tmp_path: Path) -> None:
     cmd = [
         sys.executable,

@@ -326,6 +326,7 @@ def test_real_data_config_reads_the_shared_folder(make_cfg: MakeCfg) -> None:
     assert cfg.monitor == "val/mean_primary"
 
 
+@pytest.mark.heavy
 def test_ddp_run_completes(tmp_path: Path) -> None:
     """Two CPU processes (gloo); the tasks have different numbers of batches per process."""
     run_dir = tmp_path / "ddp"

@@ -45,6 +45,7 @@ def _text(nb: nbformat.NotebookNode) -> str:
     )
 
 
+@pytest.mark.heavy
 def test_notebook_runs_on_a_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sweep = _fake_sweep(tmp_path / "sweep")
     aggregate(sweep)
@@ -72,6 +73,7 @@ def test_notebook_runs_on_a_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert (sweep / RESULTS_CSV).read_bytes() == written  # reading only
 
 
+@pytest.mark.heavy
 def test_notebook_aggregates_a_sweep_without_results(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

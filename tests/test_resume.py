@@ -428,7 +428,12 @@ def test_continuing_with_other_settings_is_reported(caplog: pytest.LogCaptureFix
 
 
 @pytest.mark.parametrize(
-    ("grouping", "optimizer"), [("true", "adamw"), ("false", "adamw"), ("true", "lazy_adamw")]
+    ("grouping", "optimizer"),
+    [
+        ("true", "adamw"),
+        pytest.param("false", "adamw", marks=pytest.mark.heavy),
+        pytest.param("true", "lazy_adamw", marks=pytest.mark.heavy),
+    ],
 )
 def test_resume_mid_epoch_is_exact_with_either_sampler(
     tmp_path: Path, grouping: str, optimizer: str

@@ -218,6 +218,7 @@ def _job_dirs(sweep_dir: Path) -> list[str]:
     return sorted(p.name for p in sweep_dir.iterdir() if (p / ".hydra").is_dir())
 
 
+@pytest.mark.heavy
 def test_failed_job_is_recorded_and_relaunch_skips_finished_jobs(tmp_path: Path) -> None:
     """3 jobs, the middle one fails (lr=nan, refused at start); then the same sweep again."""
     sweep = tmp_path / "sweep"
@@ -248,6 +249,7 @@ def test_failed_job_is_recorded_and_relaunch_skips_finished_jobs(tmp_path: Path)
     assert len(aggregate(sweep)) == 3 and (sweep / RESULTS_CSV).is_file()
 
 
+@pytest.mark.heavy
 def test_local_parallel_launcher(tmp_path: Path) -> None:
     """hydra/launcher=local_parallel (submitit's local executor), 2 CPU jobs at once."""
     sweep = tmp_path / "sweep"
@@ -270,6 +272,7 @@ def test_local_parallel_launcher(tmp_path: Path) -> None:
     assert sorted(df["seed"]) == [1, 2] and set(df["status"]) == {"completed"}
 
 
+@pytest.mark.heavy
 def test_ddp_inside_a_multirun(tmp_path: Path) -> None:
     """2 jobs × 2 DDP ranks (gloo on CPU): one folder per job, one result per job, metrics
     over both ranks' shards."""
