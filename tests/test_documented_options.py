@@ -149,7 +149,7 @@ def test_label_all_subtokens_changes_the_training_loss_not_the_scoring(make_cfg)
         preds_off = off.predict_step(batch_off, 0)["preds"]
         preds_on = on.predict_step(batch_on, 0)["preds"]
     assert torch.equal(preds_off, preds_on)
-    assert off.val_metrics.compute() == on.val_metrics.compute()
+    assert off.task.metrics["val"].compute() == on.task.metrics["val"].compute()
 
 
 @pytest.mark.slow

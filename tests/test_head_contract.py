@@ -49,3 +49,46 @@ def test_a_head_without_the_contract_is_refused_naming_what_it_lacks() -> None:
     logits = torch.tensor([[0.0, 2.0], [3.0, 1.0]])
     assert mine.decode(logits).tolist() == [1, 0]
     assert torch.allclose(mine.probabilities(logits).sum(-1), torch.ones(2))
+
+
+class _Tagger(_Mine):
+    """A user's head that asks for the label vocabulary."""
+
+    context_args = ("labels",)
+
+    def __init__(self, input_size: int, num_labels: int, labels: list[str]) -> None:
+        super().__init__()
+        self.labels = labels
+
+
+def test_heads_get_the_context_their_class_declares_and_nothing_else() -> None:
+    from functools import partial
+
+    from nlp_transfer.heads import head_kwargs
+
+    labels = ["O", "B-X", "I-X"]
+    assert head_kwargs(partial(_Tagger), 8, labels, 32) == {
+        "input_size": 8,
+        "num_labels": 3,
+        "labels": labels,
+    }
+    assert head_kwargs(partial(TokenHead, dropout=0.0), 8, labels, 32) == {
+        "input_size": 8,
+        "num_labels": 3,
+    }
+    assert set(head_kwargs(BiLSTMTokenHead, 8, labels, 32)) == {
+        "input_size",
+        "num_labels",
+        "labels",
+        "encoder_hidden_size",
+    }
+    with pytest.raises(ConfigError, match=r"_NoDecoding declares no context_args.*HeadBase"):
+        head_kwargs(_NoDecoding, 8, labels, 32)
+
+    class _Greedy(HeadBase):
+        context_args = ("labels", "tokenizer")
+
+    with pytest.raises(ConfigError, match=r"asks for \['tokenizer'\].*'encoder_hidden_size'"):
+        head_kwargs(_Greedy, 8, labels, 32)
+    with pytest.raises(ConfigError, match="must be a class or a partial of one"):
+        head_kwargs(lambda **kw: _Mine(), 8, labels, 32)

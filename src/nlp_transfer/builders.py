@@ -142,9 +142,7 @@ def build_module(
             instantiate(cfg.layer_pooling, _partial_=True) if cfg.get("layer_pooling") else None
         ),
         subword_pooling=(
-            instantiate(cfg.subword_pooling, _partial_=True)
-            if task == "sequence_labeling" and cfg.get("subword_pooling")
-            else None
+            instantiate(cfg.subword_pooling, _partial_=True) if cfg.get("subword_pooling") else None
         ),
         log_grad_norm=config_flag(model_cfg.get("log_grad_norm"), "model.log_grad_norm", False),
         check_finite_loss=config_flag(

@@ -108,8 +108,8 @@ def map_task_head(module: TransferModule) -> TaskHead | str:
     if pooling is not None and getattr(pooling, "mode", None) != "last":
         return f"layer_pooling mode {getattr(pooling, 'mode', pooling)!r} reads other layers"
     head = module.head
-    auto_class = AUTO_CLASSES[module.task]
-    if module.task == "sequence_labeling":
+    auto_class = AUTO_CLASSES[module.task.name]
+    if module.task.name == "sequence_labeling":
         if type(head) is not TokenHead:
             return f"the head is {type(head).__name__}, not a per-word linear layer"
         layers = [m for m in head.classifier if not isinstance(m, nn.Dropout)]
@@ -175,7 +175,7 @@ def _task_model(module: TransferModule, mapped: TaskHead) -> PreTrainedModel:
     config = copy.deepcopy(encoder_model.config)
     config.id2label = dict(enumerate(module.labels))
     config.label2id = {label: i for i, label in enumerate(module.labels)}
-    if module.task == "classification":
+    if module.task.name == "classification":
         config.problem_type = "single_label_classification"
     task = getattr(transformers, mapped.auto_class).from_config(config, attn_implementation="sdpa")
     base = getattr(task, task.base_model_prefix)
@@ -215,7 +215,7 @@ def export_module(module: TransferModule, out_dir: str | Path) -> Path:
         log.warning(
             "export: %s cannot reproduce this head (%s); its classifier would load randomly "
             "initialised, load the export with nlp_transfer.export.load_export",
-            AUTO_CLASSES[module.task],
+            AUTO_CLASSES[module.task.name],
             mapped,
         )
     encoder.tokenizer.save_pretrained(out)
@@ -230,7 +230,7 @@ def export_module(module: TransferModule, out_dir: str | Path) -> Path:
         out / META,
         {
             "format_version": 1,
-            "task": module.task,
+            "task": module.task.name,
             "labels": module.labels,
             "head": cfg.get("head"),
             "layer_pooling": cfg.get("layer_pooling"),
@@ -252,7 +252,7 @@ def export_module(module: TransferModule, out_dir: str | Path) -> Path:
 def model_card(module: TransferModule, mapped: TaskHead | str) -> str:
     """The export's README: what it is and how to load it."""
     pipeline_tag = {"classification": "text-classification"}.get(
-        module.task, "token-classification"
+        module.task.name, "token-classification"
     )
     cfg = module.run_config
     head = (cfg.get("head") or {}).get("_target_", type(module.head).__name__)
@@ -262,7 +262,7 @@ def model_card(module: TransferModule, mapped: TaskHead | str) -> str:
         f"pipeline_tag: {pipeline_tag}",
         "tags: [nlp_transfer]",
         "---",
-        f"# {module.task} model exported by nlp_transfer",
+        f"# {module.task.name} model exported by nlp_transfer",
         "",
         f"- encoder: `{module.encoder.name_or_path}`",
         f"- head: `{head}`; labels: {', '.join(f'`{x}`' for x in module.labels)}",
@@ -272,7 +272,7 @@ def model_card(module: TransferModule, mapped: TaskHead | str) -> str:
     ]
     if isinstance(mapped, TaskHead):
         how = "exactly" if mapped.exact else "to float precision (not bit for bit)"
-        agg = ', aggregation_strategy="first"' if module.task == "sequence_labeling" else ""
+        agg = ', aggregation_strategy="first"' if module.task.name == "sequence_labeling" else ""
         lines += [
             f"The folder is a `{mapped.auto_class}` that reproduces the template's head {how}:",
             f"{mapped.note}.",
@@ -284,7 +284,7 @@ def model_card(module: TransferModule, mapped: TaskHead | str) -> str:
         ]
     else:
         lines += [
-            f"`{AUTO_CLASSES[module.task]}` cannot express this head ({mapped}): loaded that way",
+            f"`{AUTO_CLASSES[module.task.name]}` cannot express this head ({mapped}): loaded that way",
             "its classifier is randomly initialised. `AutoModel` gives the fine-tuned encoder;",
             "the whole model (encoder, layer/subword pooling, head) loads with:",
         ]
@@ -361,7 +361,7 @@ def _predictions(
     from nlp_transfer.data.sequence_labeling import split_words
     from nlp_transfer.predict import predict_entities, predict_texts
 
-    if module.task == "classification":
+    if module.task.name == "classification":
         return [(r["label"], r["probs"]) for r in predict_texts(module, data, texts)]
     scheme = module.run_config.get("data", {}).get("train_scheme", "IOB2")
     items = [(t, *split_words(t)) for t in texts]

@@ -1,4 +1,10 @@
-"""The LightningModule: encoder → layer pooling → (subword pooling) → head.
+"""The LightningModules: encoder → layer pooling → task (subword → word) → head.
+
+:class:`TransferCore` is what every transfer model shares: the encoder and its layer
+pooling, the strategy that decides what trains, the optimizer and schedule, the speed
+machinery, the loss checks and the checkpoint metadata. :class:`TransferModule` adds one
+:class:`~nlp_transfer.tasks.Task` and one head; the multi-task module
+(:mod:`nlp_transfer.multitask.module`) adds a task and a head per task on the same core.
 
 Components arrive already built (encoder, strategy) or as partials still missing their
 sizes (head, layer pooling, optimizer, scheduler); nothing is looked up from strings.
@@ -15,15 +21,13 @@ import torch
 from pytorch_lightning import Callback, LightningModule
 from torch import nn
 
-from nlp_transfer.data.alignment import merge_window_predictions
 from nlp_transfer.data.batch import Batch
 from nlp_transfer.encoders.base import Encoder
 from nlp_transfer.errors import ConfigError
 from nlp_transfer.heads import head_kwargs
 from nlp_transfer.heads.base import Head, check_head
-from nlp_transfer.metrics.classification import PerClassReport, classification_metrics
-from nlp_transfer.metrics.entity import EntityF1
 from nlp_transfer.strategies.base import TrainableSpec, TransferStrategy
+from nlp_transfer.tasks import Task, build_task
 from nlp_transfer.training.param_groups import optimizer_defaults, torch_param_groups
 from nlp_transfer.training.schedulers import with_step_schedule
 from nlp_transfer.training.speed import SpeedClipping, SpeedMachinery
@@ -35,123 +39,81 @@ class NonFiniteLossError(FloatingPointError):
     """Raised when the training loss becomes NaN or infinite."""
 
 
-class TransferModule(SpeedClipping, LightningModule):
-    """Composes an encoder, a head and a transfer strategy.
+class TransferCore(SpeedClipping, LightningModule):
+    """The shared trunk and training machinery of every transfer model.
+
+    A subclass builds its tasks and heads on :attr:`pooled_size` features, then calls
+    :meth:`compile_strategy` and ``self.speed.attach(self)``, and implements
+    :meth:`task_for` and :meth:`checkpoint_meta`.
 
     Args:
         encoder: a built :class:`Encoder`.
-        head: partial taking ``input_size`` and ``num_labels``.
-        strategy: a :class:`TransferStrategy`; ``None`` for a module that only predicts
-            (the base class's hooks: nothing frozen, no extra loss, nothing to merge).
-        labels: label vocabulary (stored in checkpoints).
-        task: ``classification`` or ``sequence_labeling``.
         optimizer: partial taking parameter groups (its ``lr`` is the base LR); ``None`` for
             a module that only predicts (``fit`` then stops with a ``ConfigError``).
         scheduler: partial taking ``optimizer`` and ``num_training_steps``, or ``None``.
         layer_pooling: partial taking ``num_hidden_states`` and ``hidden_size``; ``None``
             means the last hidden state.
-        subword_pooling: sequence labeling only: subword → word features.
+        log_grad_norm: log each parameter group's gradient norm before every step.
+        check_finite_loss: stop with :class:`NonFiniteLossError` on a NaN/inf loss.
         run_config: the resolved run config as plain data, saved in checkpoints so that
             eval/predict/export can rebuild the model.
         speed: the speed mechanisms the hardware settings chose
             (:class:`~nlp_transfer.training.speed.SpeedMachinery`; default: none but the
             embedding-gradient buffer and the clipping shortcut, which keep the numbers).
-        subtoken_loss: sequence labeling (``data.label_all_subtokens``): the training loss
-            is the head's loss over every subtoken (``subtoken_labels``), the head reading
-            subtoken features; validation, test and prediction stay at word level.
     """
 
     def __init__(
         self,
         encoder: Encoder,
-        head: Callable[..., nn.Module],
-        strategy: TransferStrategy | None,
-        labels: list[str],
         optimizer: Callable[..., torch.optim.Optimizer] | None,
-        task: str = "classification",
         scheduler: Callable[..., Any] | None = None,
         layer_pooling: Callable[..., nn.Module] | None = None,
-        subword_pooling: Callable[..., nn.Module] | None = None,
         log_grad_norm: bool = False,
         check_finite_loss: bool = True,
         run_config: dict[str, Any] | None = None,
         speed: SpeedMachinery | None = None,
-        subtoken_loss: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = encoder
-        self.labels = list(labels)
-        self.task = task
         self.layer_pooling = (
             layer_pooling(num_hidden_states=encoder.num_layers + 1, hidden_size=encoder.hidden_size)
             if layer_pooling is not None
             else None
         )
-        size = (
+        self.pooled_size: int = (
             self.layer_pooling.output_size
             if self.layer_pooling is not None
             else encoder.hidden_size
         )
-        self.subword_pooling = subword_pooling() if subword_pooling is not None else None
-        if self.subword_pooling is not None:
-            size = self.subword_pooling.output_size(size)
-        self.feature_size = size
-        self.head_factory = head
-        self.head_kwargs = head_kwargs(head, size, self.labels, encoder.hidden_size)
-        self.head: Head = check_head(head(**self.head_kwargs))
-        self.subtoken_loss = subtoken_loss
-        if subtoken_loss:
-            self._check_subtoken_loss()
-        self.aux_heads = nn.ModuleDict()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.log_grad_norm = log_grad_norm
         self.check_finite_loss = check_finite_loss
         self.speed = speed if speed is not None else SpeedMachinery()
         self.run_config = run_config or {}
-        self.strategy = strategy if strategy is not None else TransferStrategy()
-        self._build_metrics()
-        self.spec: TrainableSpec = self.strategy.compile(self)
-        self.speed.attach(self)
         self.last_test_report: dict[str, float] = {}
-        self._window_buffer: dict[str, list[Any]] = {}
 
-    def _check_subtoken_loss(self) -> None:
-        """A subtoken loss needs a per-position head that reads subtoken features as it
-        reads word features."""
-        if self.task != "sequence_labeling":
-            raise ConfigError("data.label_all_subtokens=true is for sequence labeling only")
-        if not getattr(self.head, "per_position_loss", False):
-            raise ConfigError(
-                f"data.label_all_subtokens=true trains the head on every subtoken, but "
-                f"{type(self.head).__name__} reads the word sequence as a whole (a CRF's "
-                "transitions, a BiLSTM's context are between words, not subtokens); use "
-                "head=token_linear or head=token_mlp, or data.label_all_subtokens=false"
-            )
-        hidden = self.encoder.hidden_size
-        if self.layer_pooling is not None:
-            hidden = self.layer_pooling.output_size
-        if self.feature_size != hidden:
-            raise ConfigError(
-                "data.label_all_subtokens=true: the head reads word features of size "
-                f"{self.feature_size} but subtoken features of size {hidden} "
-                "(subword_pooling.mode=first_last); choose first, last or mean"
-            )
+    def compile_strategy(self, strategy: TransferStrategy | None) -> None:
+        """Let the strategy decide what trains, once every head exists (``None``: the base
+        class's hooks — nothing frozen, no extra loss, nothing to merge)."""
+        self.aux_heads = nn.ModuleDict()  # filled by strategy=auxiliary
+        self.strategy = strategy if strategy is not None else TransferStrategy()
+        self.spec: TrainableSpec = self.strategy.compile(self)
 
-    # -- metrics ---------------------------------------------------------------------------
-    def _build_metrics(self) -> None:
-        n = len(self.labels)
-        if self.task == "classification":
-            base = classification_metrics(n)
-            self.val_metrics = base.clone(prefix="val/")
-            self.test_metrics = base.clone(prefix="test/")
-            self.test_report = PerClassReport(self.labels)
-        else:
-            self.val_metrics = EntityF1(self.labels)
-            self.test_metrics = EntityF1(self.labels)
-            self.test_report = None
+    # -- what subclasses declare -----------------------------------------------------------
+    def task_for(self, batch: Batch) -> tuple[str | None, Task]:
+        """``(task name, or None for a single-task model; its Task)`` of a batch."""
+        raise NotImplementedError
 
-    # -- parameters ------------------------------------------------------------------------
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What eval/predict/export need besides the weights and the config."""
+        raise NotImplementedError
+
+    def make_aux_head(self) -> nn.Module:
+        """A head like the main one reading one raw encoder layer (strategy=auxiliary)."""
+        raise ConfigError(f"strategy=auxiliary is not supported by {type(self).__name__}")
+
+    # -- parameters and modes --------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -165,7 +127,7 @@ class TransferModule(SpeedClipping, LightningModule):
     def frozen_encoder(self) -> bool:
         return self.spec.frozen_encoder
 
-    def train(self, mode: bool = True) -> TransferModule:
+    def train(self, mode: bool = True) -> TransferCore:
         super().train(mode)
         if self.frozen_encoder:
             self.encoder.eval()  # feature extraction: no encoder dropout
@@ -184,88 +146,64 @@ class TransferModule(SpeedClipping, LightningModule):
     def on_train_epoch_start(self) -> None:
         self.train()  # every epoch too: cheap, and robust to modes changed between epochs
 
-    # -- forward ---------------------------------------------------------------------------
-    def encode_all(
-        self, batch: Batch
-    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
-        """All hidden states, the features the head reads, and their mask."""
-        if "hidden_states" in batch:
-            # cached encoder outputs (frozen encoder + feature cache): [B, T', L+1, H] with
-            # T' = 1 for pooled sentence features or W for word features; the encoder and the
-            # subword pooling were already applied when the cache was written
-            hidden = tuple(batch["hidden_states"].unbind(dim=2))
-            feats = self.layer_pooling(hidden) if self.layer_pooling is not None else hidden[-1]
-            return hidden, feats, batch["feature_mask"]
-        hidden, feats = self.encode_subtokens(batch)
-        feats, mask = self.to_words(feats, batch)
-        return hidden, feats, mask
-
-    def encode_subtokens(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """All hidden states and the (layer-pooled) per-subtoken features ``[B, T, H]``."""
-        ctx = torch.no_grad() if self.frozen_encoder else nullcontext()
-        with ctx:
+    # -- forward and scoring ---------------------------------------------------------------
+    def encode_layers(
+        self, batch: Batch, no_grad: bool
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """All hidden states and the layer-pooled per-subtoken features ``[B, T, H]``."""
+        with torch.no_grad() if no_grad else nullcontext():
             hidden = self.encoder(
                 batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
             )
         feats = self.layer_pooling(hidden) if self.layer_pooling is not None else hidden[-1]
         return hidden, feats
 
-    def to_words(self, feats: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Subword → word features for sequence labeling; unchanged for classification."""
-        if self.subword_pooling is None or "word_map" not in batch:
-            return feats, batch["attention_mask"]
-        words = self.subword_pooling(feats, batch["word_map"], batch["word_mask"].shape[1])
-        return words, batch["word_mask"]
+    def score_batch(
+        self,
+        stage: str,
+        name: str,
+        task: Task,
+        head: Head,
+        feats: torch.Tensor,
+        mask: torch.Tensor,
+        batch: Batch,
+    ) -> torch.Tensor:
+        """Log ``<name>/loss``, score the decoded predictions with ``task`` and return them
+        (the ``PredictionWriter`` reads them)."""
+        logits = head(feats, mask)
+        labels = batch["labels"]
+        loss = head.loss(logits, labels, mask)
+        self.log(
+            f"{name}/loss",
+            loss,
+            on_epoch=True,
+            batch_size=labels.shape[0],
+            sync_dist=True,
+            add_dataloader_idx=False,
+        )
+        preds = head.decode(logits, mask)
+        task.update(stage, preds, batch)
+        return preds
 
-    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features the head reads, and their mask."""
-        _, feats, mask = self.encode_all(batch)
-        return feats, mask
+    def prediction(
+        self, task: Task, head: Head, logits: torch.Tensor, mask: torch.Tensor, batch: Batch
+    ) -> dict[str, Any]:
+        """``predict_step``'s output: labels, probabilities and the task's bookkeeping keys."""
+        out: dict[str, Any] = {
+            "preds": head.decode(logits, mask),
+            "probs": head.probabilities(logits, mask),
+        }
+        out.update({key: batch[key] for key in task.predict_keys if key in batch})
+        return out
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, mask = self.encode(batch)
-        return self.head(feats, mask), mask
-
-    # -- auxiliary heads (their losses: strategy=auxiliary) ------------------------------------
-    def make_aux_head(self) -> nn.Module:
-        """A head like the main one, reading one raw encoder layer (no layer pooling)."""
-        size = self.encoder.hidden_size
-        if self.subword_pooling is not None:
-            size = self.subword_pooling.output_size(size)
-        return check_head(self.head_factory(**{**self.head_kwargs, "input_size": size}))
-
-    # -- steps -----------------------------------------------------------------------------
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        if self.subtoken_loss:
-            if "subtoken_labels" not in batch:
-                raise ConfigError(
-                    "data.label_all_subtokens=true but the batch has no subtoken_labels "
-                    "(cached features hold word features only: set features.cache=false)"
-                )
-            hidden, feats = self.encode_subtokens(batch)
-            mask = batch["attention_mask"].bool()
-            loss = self.head.loss(self.head(feats, mask), batch["subtoken_labels"], mask)
-        else:
-            hidden, feats, mask = self.encode_all(batch)
-            loss = self.head.loss(self.head(feats, mask), batch["labels"], mask)
-        extra = self.strategy.extra_loss(self, hidden, batch, "train")
-        if extra is not None:
-            loss = loss + extra
+    def check_loss(self, loss: torch.Tensor, batch_idx: int, what: str = "training loss") -> None:
+        """Stop on a NaN/inf training loss, with what to change."""
         if self.checks_finite_loss_now(loss) and not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"training loss is {loss.item()} at global step {self.global_step} "
+                f"{what} is {loss.item()} at global step {self.global_step} "
                 f"(epoch {self.current_epoch}, batch {batch_idx}). Lower optimizer.lr, keep "
                 "trainer.gradient_clip_val set, add warmup, or try trainer=default (fp32)."
             )
-        self.log(
-            "train/loss",
-            loss,
-            prog_bar=True,
-            on_step=True,
-            on_epoch=True,
-            batch_size=batch["labels"].shape[0],
-        )
-        return loss
 
     def checks_finite_loss_now(self, loss: torch.Tensor) -> bool:
         """Whether to check the training loss at this step: every step on the CPU (free),
@@ -277,104 +215,15 @@ class TransferModule(SpeedClipping, LightningModule):
             return True
         return self.global_step % max(1, int(self.trainer.log_every_n_steps or 1)) == 0
 
-    def _eval_step(self, batch: Batch, stage: str) -> torch.Tensor:
-        """Update the metrics; returns the predictions (the ``PredictionWriter`` reads them)."""
-        hidden, feats, mask = self.encode_all(batch)
-        logits = self.head(feats, mask)
-        labels = batch["labels"]
-        loss = self.head.loss(logits, labels, mask)
-        self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=labels.shape[0], sync_dist=True)
-        self.strategy.extra_loss(self, hidden, batch, stage)
-        preds = self.head.decode(logits, mask)
-        metrics = self.val_metrics if stage == "val" else self.test_metrics
-        if self.task == "classification":
-            metrics.update(preds, labels)
-            if stage == "test":
-                self.test_report.update(preds, labels)
-        else:
-            self._update_entity_metric(metrics, preds, batch, stage)
-        return preds
-
-    def _update_entity_metric(
-        self, metric: Any, preds: torch.Tensor, batch: Batch, stage: str
-    ) -> None:
-        """Whole sentences go straight to the metric; windows of long sentences are kept
-        until the epoch ends and scored once merged, so no entity is cut at a window edge."""
-        labels, word_mask, owned = batch["labels"], batch["word_mask"], batch["owned_mask"]
-        whole = (batch["word_offset"] == 0) & (word_mask.sum(1) == batch["sentence_words"])
-        metric.update(preds[whole], labels[whole], word_mask[whole])
-        if bool((~whole).any()):
-            buf = self._window_buffer.setdefault(stage, [])
-            for i in (~whole).nonzero().flatten().tolist():
-                n = int(word_mask[i].sum())
-                buf.append(
-                    (
-                        int(batch["sentence_id"][i]),
-                        int(batch["word_offset"][i]),
-                        owned[i, :n].tolist(),
-                        preds[i, :n].tolist(),
-                        labels[i, :n].tolist(),
-                    )
-                )
-
-    def _flush_windows(self, stage: str, metric: Any) -> None:
-        """Merge buffered windows (gathered from every process) and score them once."""
-        buf = self._window_buffer.pop(stage, [])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, buf)
-            if torch.distributed.get_rank() != 0:
-                return  # rank 0 adds them; metric states are summed across ranks
-            buf = [w for part in gathered for w in part]
-        if not buf:
-            return
-        sids, offsets, owned, preds, gold = zip(*buf)
-        merged_pred = merge_window_predictions(preds, sids, offsets, owned)
-        merged_gold = merge_window_predictions(gold, sids, offsets, owned)
-        for sid, pred in merged_pred.items():
-            p = torch.tensor([pred], device=metric.tp.device)
-            g = torch.tensor([merged_gold[sid]], device=metric.tp.device)
-            metric.update(p, g)
-
-    def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._eval_step(batch, "val")
-
-    def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._eval_step(batch, "test")
-
-    def _log_epoch_metrics(self, stage: str) -> dict[str, float]:
-        metrics = self.val_metrics if stage == "val" else self.test_metrics
-        if self.task != "classification":
-            self._flush_windows(stage, metrics)
-        values = metrics.compute()
-        metrics.reset()
-        if self.task != "classification":
-            values = {f"{stage}/{k}": v for k, v in values.items()}
-        flat = {k: float(v) for k, v in values.items()}
-        # values are already reduced over processes by torchmetrics; sync_dist only keeps
-        # Lightning from warning about epoch-level logging under DDP
-        self.log_dict(flat, prog_bar=stage == "val", sync_dist=True)
-        return flat
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch_metrics("test")
-        if self.test_report is not None:
-            self.last_test_report = {
-                f"test/per_class/{k}": v for k, v in self.test_report.compute().items()
-            }
-            self.test_report.reset()
-
-    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
-        logits, mask = self(batch)
-        out = {"preds": self.head.decode(logits, mask)}
-        out["probs"] = self.head.probabilities(logits, mask)
-        for key in ("sentence_id", "word_offset", "word_mask", "owned_mask"):
-            if key in batch:
-                out[key] = batch[key]
-        return out
+    def log_train_loss(self, loss: torch.Tensor, batch: Batch) -> None:
+        self.log(
+            "train/loss",
+            loss,
+            prog_bar=True,
+            on_step=True,
+            on_epoch=True,
+            batch_size=batch["labels"].shape[0],
+        )
 
     # -- optimisation ----------------------------------------------------------------------
     def optimizer_groups(self) -> list[dict[str, Any]]:
@@ -434,8 +283,174 @@ class TransferModule(SpeedClipping, LightningModule):
 
     # -- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["nlp_transfer"] = {
-            "labels": self.labels,
-            "task": self.task,
-            "config": self.run_config,
-        }
+        checkpoint["nlp_transfer"] = {**self.checkpoint_meta(), "config": self.run_config}
+
+
+class TransferModule(TransferCore):
+    """One task: encoder → layer pooling → task (subword → word) → head.
+
+    Args:
+        encoder: a built :class:`Encoder`.
+        head: partial taking ``input_size`` and ``num_labels``.
+        strategy: a :class:`TransferStrategy`; ``None`` for a module that only predicts.
+        labels: label vocabulary (stored in checkpoints).
+        optimizer, scheduler, layer_pooling, log_grad_norm, check_finite_loss, run_config,
+            speed: as for :class:`TransferCore`.
+        task: a registered task type (:data:`nlp_transfer.tasks.TASKS`).
+        subword_pooling: partial building the subword → word pooling (word-level tasks).
+        subtoken_loss: sequence labeling (``data.label_all_subtokens``): the training loss
+            is the head's loss over every subtoken (``subtoken_labels``), the head reading
+            subtoken features; validation, test and prediction stay at word level.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        head: Callable[..., nn.Module],
+        strategy: TransferStrategy | None,
+        labels: list[str],
+        optimizer: Callable[..., torch.optim.Optimizer] | None,
+        task: str = "classification",
+        scheduler: Callable[..., Any] | None = None,
+        layer_pooling: Callable[..., nn.Module] | None = None,
+        subword_pooling: Callable[..., nn.Module] | None = None,
+        log_grad_norm: bool = False,
+        check_finite_loss: bool = True,
+        run_config: dict[str, Any] | None = None,
+        speed: SpeedMachinery | None = None,
+        subtoken_loss: bool = False,
+    ) -> None:
+        super().__init__(
+            encoder,
+            optimizer,
+            scheduler=scheduler,
+            layer_pooling=layer_pooling,
+            log_grad_norm=log_grad_norm,
+            check_finite_loss=check_finite_loss,
+            run_config=run_config,
+            speed=speed,
+        )
+        self.task: Task = build_task(task, labels, subword_pooling)
+        self.labels = self.task.labels
+        self.feature_size = self.task.feature_size(self.pooled_size)
+        self.head_factory = head
+        self.head_kwargs = head_kwargs(head, self.feature_size, self.labels, encoder.hidden_size)
+        self.head: Head = check_head(head(**self.head_kwargs))
+        self.subtoken_loss = subtoken_loss
+        if subtoken_loss:
+            self._check_subtoken_loss()
+        self.compile_strategy(strategy)
+        self.speed.attach(self)
+
+    @property
+    def subword_pooling(self) -> nn.Module | None:
+        return self.task.subword_pooling
+
+    def _check_subtoken_loss(self) -> None:
+        """A subtoken loss needs a per-position head that reads subtoken features as it
+        reads word features."""
+        if not self.task.word_level:
+            raise ConfigError("data.label_all_subtokens=true is for sequence labeling only")
+        if not getattr(self.head, "per_position_loss", False):
+            raise ConfigError(
+                f"data.label_all_subtokens=true trains the head on every subtoken, but "
+                f"{type(self.head).__name__} reads the word sequence as a whole (a CRF's "
+                "transitions, a BiLSTM's context are between words, not subtokens); use "
+                "head=token_linear or head=token_mlp, or data.label_all_subtokens=false"
+            )
+        if self.feature_size != self.pooled_size:
+            raise ConfigError(
+                "data.label_all_subtokens=true: the head reads word features of size "
+                f"{self.feature_size} but subtoken features of size {self.pooled_size} "
+                "(subword_pooling.mode=first_last); choose first, last or mean"
+            )
+
+    def task_for(self, batch: Batch) -> tuple[str | None, Task]:
+        return None, self.task
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"labels": self.labels, "task": self.task.name}
+
+    # -- forward ---------------------------------------------------------------------------
+    def encode_all(
+        self, batch: Batch
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        """All hidden states, the features the head reads, and their mask."""
+        if "hidden_states" in batch:
+            # cached encoder outputs (frozen encoder + feature cache): [B, T', L+1, H] with
+            # T' = 1 for pooled sentence features or W for word features; the encoder and the
+            # subword pooling were already applied when the cache was written
+            hidden = tuple(batch["hidden_states"].unbind(dim=2))
+            feats = self.layer_pooling(hidden) if self.layer_pooling is not None else hidden[-1]
+            return hidden, feats, batch["feature_mask"]
+        hidden, feats = self.encode_subtokens(batch)
+        feats, mask = self.task.to_words(feats, batch)
+        return hidden, feats, mask
+
+    def encode_subtokens(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """All hidden states and the (layer-pooled) per-subtoken features ``[B, T, H]``."""
+        return self.encode_layers(batch, no_grad=self.frozen_encoder)
+
+    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features the head reads, and their mask."""
+        _, feats, mask = self.encode_all(batch)
+        return feats, mask
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, mask = self.encode(batch)
+        return self.head(feats, mask), mask
+
+    def make_aux_head(self) -> nn.Module:
+        """A head like the main one, reading one raw encoder layer (no layer pooling)."""
+        size = self.task.feature_size(self.encoder.hidden_size)
+        return check_head(self.head_factory(**{**self.head_kwargs, "input_size": size}))
+
+    # -- steps -----------------------------------------------------------------------------
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        if self.subtoken_loss:
+            if "subtoken_labels" not in batch:
+                raise ConfigError(
+                    "data.label_all_subtokens=true but the batch has no subtoken_labels "
+                    "(cached features hold word features only: set features.cache=false)"
+                )
+            hidden, feats = self.encode_subtokens(batch)
+            mask = batch["attention_mask"].bool()
+            loss = self.head.loss(self.head(feats, mask), batch["subtoken_labels"], mask)
+        else:
+            hidden, feats, mask = self.encode_all(batch)
+            loss = self.head.loss(self.head(feats, mask), batch["labels"], mask)
+        extra = self.strategy.extra_loss(self, hidden, batch, "train")
+        if extra is not None:
+            loss = loss + extra
+        self.check_loss(loss, batch_idx)
+        self.log_train_loss(loss, batch)
+        return loss
+
+    def _eval_step(self, batch: Batch, stage: str) -> torch.Tensor:
+        hidden, feats, mask = self.encode_all(batch)
+        self.strategy.extra_loss(self, hidden, batch, stage)
+        return self.score_batch(stage, stage, self.task, self.head, feats, mask, batch)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "test")
+
+    def _log_epoch_metrics(self, stage: str) -> dict[str, float]:
+        flat = {f"{stage}/{k}": v for k, v in self.task.compute(stage).items()}
+        # values are already reduced over processes by torchmetrics; sync_dist only keeps
+        # Lightning from warning about epoch-level logging under DDP
+        self.log_dict(flat, prog_bar=stage == "val", sync_dist=True)
+        return flat
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+        self.last_test_report = {f"test/per_class/{k}": v for k, v in self.task.report().items()}
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        logits, mask = self(batch)
+        return self.prediction(self.task, self.head, logits, mask, batch)

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
-import inspect
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-# what a head may ask for beyond its input width and label count, by naming it as a parameter
-OPTIONAL_HEAD_ARGS = ("labels", "encoder_hidden_size")
+from nlp_transfer.errors import ConfigError
+from nlp_transfer.heads.base import HEAD_CONTEXT
+
+
+def head_class(head: Callable[..., Any]) -> type:
+    """The class a head factory builds (the factory itself, or the class of a partial)."""
+    target = head
+    while isinstance(target, functools.partial):
+        target = target.func
+    if not isinstance(target, type):
+        raise ConfigError(
+            f"head {head!r}: a head factory must be a class or a partial of one "
+            "(head._target_ names the class)"
+        )
+    return target
 
 
 def head_kwargs(
@@ -16,11 +29,24 @@ def head_kwargs(
     labels: Sequence[str],
     encoder_hidden_size: int,
 ) -> dict[str, Any]:
-    """Constructor arguments for a head partial: ``input_size`` and ``num_labels`` always;
-    ``labels`` (e.g. a constrained CRF) and ``encoder_hidden_size`` (e.g. the BiLSTM's
-    default width) only for heads whose signature names them."""
-    kwargs: dict[str, Any] = {"input_size": input_size, "num_labels": len(labels)}
+    """Constructor arguments for a head factory: ``input_size`` and ``num_labels`` always,
+    plus the :data:`~nlp_transfer.heads.base.HEAD_CONTEXT` its class declares in
+    ``context_args``."""
+    cls = head_class(head)
+    if not hasattr(cls, "context_args"):  # the Head protocol requires it
+        raise ConfigError(
+            f"head {cls.__module__}.{cls.__qualname__} declares no context_args: set "
+            f"context_args = () (or a tuple of {sorted(HEAD_CONTEXT)}) on the class, or "
+            "subclass nlp_transfer.heads.base.HeadBase"
+        )
+    wanted = tuple(cls.context_args)
+    unknown = sorted(set(wanted) - set(HEAD_CONTEXT))
+    if unknown:
+        raise ConfigError(
+            f"head {cls.__qualname__}.context_args asks for {unknown}; a head can be given "
+            f"{sorted(HEAD_CONTEXT)}"
+        )
     offered = {"labels": list(labels), "encoder_hidden_size": encoder_hidden_size}
-    params = inspect.signature(head).parameters
-    kwargs.update({k: v for k, v in offered.items() if k in params})
+    kwargs: dict[str, Any] = {"input_size": input_size, "num_labels": len(labels)}
+    kwargs.update({k: offered[k] for k in wanted})
     return kwargs

@@ -1,14 +1,14 @@
 """The head contract: what the module, prediction and export ask of a head.
 
-A head is an ``nn.Module`` built as ``head(input_size=..., num_labels=...)``, plus
-``labels=`` and/or ``encoder_hidden_size=`` when its constructor names them
+A head is an ``nn.Module`` built as ``head(input_size=..., num_labels=...)``, plus the
+arguments of :data:`HEAD_CONTEXT` its class asks for in ``context_args``
 (:func:`nlp_transfer.heads.head_kwargs`), with the methods of :class:`Head`. Subclass
-:class:`HeadBase` to get argmax decoding and softmax probabilities for free.
+:class:`HeadBase` to get no context, argmax decoding and softmax probabilities for free.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -16,12 +16,20 @@ from torch import nn
 from nlp_transfer.errors import ConfigError
 
 HEAD_METHODS = ("forward", "loss", "decode", "probabilities")
+# what the model can tell a head beyond its input width and label count
+HEAD_CONTEXT = {
+    "labels": "the label vocabulary (e.g. a CRF's transition constraints)",
+    "encoder_hidden_size": "the encoder's width (e.g. a BiLSTM's default size)",
+}
 
 
 @runtime_checkable
 class Head(Protocol):
     """Scores ``[B, C]`` (one label per sentence) or ``[B, W, C]`` (one per word) from the
     features ``[B, T, D]`` and their mask ``[B, T]``."""
+
+    #: constructor arguments (keys of :data:`HEAD_CONTEXT`) the head is built with
+    context_args: ClassVar[tuple[str, ...]]
 
     def __call__(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The logits (emission scores for a CRF)."""
@@ -43,7 +51,10 @@ class Head(Protocol):
 
 
 class HeadBase(nn.Module):
-    """Defaults for a head whose logits are independent per item: argmax and softmax."""
+    """Defaults for a head whose logits are independent per item: argmax and softmax, and
+    no constructor arguments beyond ``input_size`` and ``num_labels``."""
+
+    context_args: ClassVar[tuple[str, ...]] = ()
 
     def decode(self, logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return logits.argmax(-1)

@@ -38,6 +38,7 @@ class BiLSTMTokenHead(nn.Module):
     """
 
     task = "sequence_labeling"  # the task it fits (checked at start: nlp_transfer.validation)
+    context_args = ("labels", "encoder_hidden_size")  # nlp_transfer.heads.base.HEAD_CONTEXT
 
     def __init__(
         self,

@@ -233,6 +233,7 @@ class CRFHead(nn.Module):
     """
 
     task = "sequence_labeling"  # the task it fits (checked at start: nlp_transfer.validation)
+    context_args = ("labels",)  # nlp_transfer.heads.base.HEAD_CONTEXT
 
     def __init__(
         self,

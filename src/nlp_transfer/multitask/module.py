@@ -6,10 +6,10 @@ Forward for a batch of task ``t``::
     encoder (shared) → layer pooling (shared) → projection (shared, optional)
         → subword pooling (t's, sequence labeling) → head_t
 
-:class:`MultiTaskModule` subclasses :class:`~nlp_transfer.module.TransferModule` and
-reuses its optimizer groups and schedule, parameter counts, frozen-encoder handling and
-windowed NER evaluation; only construction, the steps and the metric bookkeeping are
-per task. Transfer strategies compile against it as against a single-task module: they
+:class:`MultiTaskModule` builds on :class:`~nlp_transfer.module.TransferCore` as the
+single-task module does (optimizer groups and schedule, parameter counts, frozen-encoder
+handling, loss checks, scoring); each task is a :class:`~nlp_transfer.tasks.Task` (its
+metrics, its subword pooling, windowed NER evaluation) with its own head. Transfer strategies compile against it as against a single-task module: they
 see ``module.encoder`` (shared), ``module.layer_pooling``, ``module.aux_heads`` (empty)
 and every head among the non-encoder parameters.
 
@@ -22,27 +22,22 @@ for sequence labeling, or ``primary_metric``) — the checkpoint monitor.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pytorch_lightning import LightningModule
 from torch import nn
 
 from nlp_transfer.encoders.base import Encoder
 from nlp_transfer.errors import ConfigError
 from nlp_transfer.heads import head_kwargs
 from nlp_transfer.heads.base import check_head
-from nlp_transfer.metrics.classification import PerClassReport, classification_metrics
-from nlp_transfer.metrics.entity import EntityF1
-from nlp_transfer.module import NonFiniteLossError, TransferModule
+from nlp_transfer.module import TransferCore
 from nlp_transfer.multitask.adapters import PrivateAdapters
 from nlp_transfer.strategies.base import ParamGroup, TransferStrategy
+from nlp_transfer.tasks import Task, build_task, task_class
 from nlp_transfer.training.speed import SpeedMachinery
 
-TASK_TYPES = ("classification", "sequence_labeling")
-DEFAULT_PRIMARY = {"classification": "acc", "sequence_labeling": "f1"}
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "gelu": nn.GELU,
     "relu": nn.ReLU,
@@ -74,12 +69,11 @@ class TaskSpec:
     primary_metric: str | None = None
 
     def __post_init__(self) -> None:
-        if self.task not in TASK_TYPES:
-            raise ConfigError(f"task {self.name!r}: unknown task type {self.task!r}")
+        kind = task_class(self.task, f"tasks.{self.name}.task")
         if float(self.loss_weight) < 0:
             raise ConfigError(f"tasks.{self.name}.loss_weight must be >= 0, got {self.loss_weight}")
         self.loss_weight = float(self.loss_weight)
-        self.primary_metric = self.primary_metric or DEFAULT_PRIMARY[self.task]
+        self.primary_metric = self.primary_metric or kind.primary_metric
 
 
 class SharedProjection(nn.Module):
@@ -106,20 +100,20 @@ class SharedProjection(nn.Module):
         return self.layer(features)
 
 
-class MultiTaskModule(TransferModule):
-    """Shared encoder (+ shared projection) with one head per task.
+class MultiTaskModule(TransferCore):
+    """Shared encoder (+ shared projection) with a task and a head per task.
 
     Args:
         encoder: the shared :class:`Encoder`.
         tasks: the tasks, in configuration order.
         strategy: transfer strategy, applied to the shared encoder.
-        optimizer / scheduler / layer_pooling: as for :class:`TransferModule`.
+        optimizer / scheduler / layer_pooling: as for :class:`TransferCore`.
         shared_projection: ``{size, activation, dropout}`` or ``None`` (no projection).
         private_adapters: LoRA settings ``{r, alpha, dropout, target_modules, bias}`` for
             one private adapter per task (see :mod:`nlp_transfer.multitask.adapters`),
             or ``None``.
         log_grad_norm / check_finite_loss / speed / run_config: as for
-            :class:`TransferModule` (``speed`` never compiles the shared encoder).
+            :class:`TransferCore` (``speed`` never compiles the shared encoder).
     """
 
     def __init__(
@@ -137,9 +131,6 @@ class MultiTaskModule(TransferModule):
         run_config: dict[str, Any] | None = None,
         speed: SpeedMachinery | None = None,
     ) -> None:
-        # TransferModule.__init__ builds a single head; the same pieces are built here,
-        # in the same order (a one-task model draws the same random init)
-        LightningModule.__init__(self)
         if not tasks:
             raise ConfigError("multitask: no task configured")
         if strategy.name == "auxiliary":
@@ -147,24 +138,23 @@ class MultiTaskModule(TransferModule):
                 "strategy=auxiliary is not supported with several tasks (its auxiliary heads "
                 "copy the single head); choose another strategy"
             )
-        self.encoder = encoder
-        self.task = "multitask"
+        super().__init__(
+            encoder,
+            optimizer,
+            scheduler=scheduler,
+            layer_pooling=layer_pooling,
+            log_grad_norm=log_grad_norm,
+            check_finite_loss=check_finite_loss,
+            run_config=run_config,
+            speed=speed,
+        )
         self.tasks: dict[str, TaskSpec] = {}
         for spec in tasks:
             if spec.name in self.tasks:
                 raise ConfigError(f"task {spec.name!r} is configured twice")
             self.tasks[spec.name] = spec
         self.labels = {name: list(spec.labels) for name, spec in self.tasks.items()}
-        self.layer_pooling = (
-            layer_pooling(num_hidden_states=encoder.num_layers + 1, hidden_size=encoder.hidden_size)
-            if layer_pooling is not None
-            else None
-        )
-        size = (
-            self.layer_pooling.output_size
-            if self.layer_pooling is not None
-            else encoder.hidden_size
-        )
+        size = self.pooled_size
         self.projection = (
             SharedProjection(size, **shared_projection)
             if shared_projection and shared_projection.get("size")
@@ -173,58 +163,41 @@ class MultiTaskModule(TransferModule):
         if self.projection is not None:
             size = self.projection.output_size
         self.feature_size = size
-        self.subword_poolers = nn.ModuleDict()
+        self.task_modules = nn.ModuleDict()  # name -> its Task (metrics, subword pooling)
         self.heads = nn.ModuleDict()
         for name, spec in self.tasks.items():
-            task_size = size
             try:
-                if spec.task == "sequence_labeling" and spec.subword_pooling is not None:
-                    self.subword_poolers[name] = spec.subword_pooling()
-                    task_size = self.subword_poolers[name].output_size(size)
-                kwargs = head_kwargs(spec.head, task_size, spec.labels, encoder.hidden_size)
+                task = build_task(spec.task, spec.labels, spec.subword_pooling)
+                self.task_modules[name] = task
+                kwargs = head_kwargs(
+                    spec.head, task.feature_size(size), spec.labels, encoder.hidden_size
+                )
                 self.heads[name] = check_head(spec.head(**kwargs))
             except KeyError as e:  # ModuleDict refuses names such as "keys" or "a.b"
                 raise ConfigError(f"task name {name!r} cannot be used ({e})") from e
-        self.aux_heads = nn.ModuleDict()
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
-        self.log_grad_norm = log_grad_norm
-        self.check_finite_loss = check_finite_loss
-        self.speed = speed if speed is not None else SpeedMachinery()
-        self.run_config = run_config or {}
-        self.strategy = strategy
-        self._build_metrics()
-        self.spec = strategy.compile(self)
+        self.compile_strategy(strategy)
         self.private_adapters: PrivateAdapters | None = None
         if private_adapters:
             self.private_adapters = PrivateAdapters(encoder, list(self.tasks), **private_adapters)
             self.spec.groups.append(ParamGroup("private_lora", self.private_adapters.parameters()))
         self.speed.attach(self)
         self.test_tasks = list(self.tasks)
-        self.last_test_report: dict[str, float] = {}
-        self._window_buffer: dict[str, list[Any]] = {}
 
     @property
     def head(self) -> nn.ModuleDict:
         """Every task's head (strategies treat it like a single module's head)."""
         return self.heads
 
-    def _build_metrics(self) -> None:
-        self.val_metrics = nn.ModuleDict()
-        self.test_metrics = nn.ModuleDict()
-        self.test_reports = nn.ModuleDict()
-        for name, spec in self.tasks.items():
-            if spec.task == "classification":
-                base = classification_metrics(len(spec.labels))
-                self.val_metrics[name] = base.clone()
-                self.test_metrics[name] = base.clone()
-                self.test_reports[name] = PerClassReport(spec.labels)
-            else:
-                self.val_metrics[name] = EntityF1(spec.labels)
-                self.test_metrics[name] = EntityF1(spec.labels)
+    def task_for(self, batch: dict[str, Any]) -> tuple[str, Task]:
+        name = self.task_of(batch)
+        return name, self.task_modules[name]
 
-    def make_aux_head(self) -> nn.Module:
-        raise ConfigError("auxiliary heads are not supported with several tasks")
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {
+            "task": "multitask",
+            "labels": self.labels,
+            "tasks": {name: spec.task for name, spec in self.tasks.items()},
+        }
 
     # -- forward -------------------------------------------------------------------------------
     def task_of(self, batch: dict[str, Any]) -> str:
@@ -241,17 +214,10 @@ class MultiTaskModule(TransferModule):
         if self.private_adapters is not None:
             self.private_adapters.activate(task)
         no_grad = self.frozen_encoder and self.private_adapters is None
-        with torch.no_grad() if no_grad else nullcontext():
-            hidden = self.encoder(
-                batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
-            )
-        feats = self.layer_pooling(hidden) if self.layer_pooling is not None else hidden[-1]
+        _, feats = self.encode_layers(batch, no_grad)
         if self.projection is not None:
             feats = self.projection(feats)
-        if task not in self.subword_poolers or "word_map" not in batch:
-            return feats, batch["attention_mask"]
-        words = self.subword_poolers[task](feats, batch["word_map"], batch["word_mask"].shape[1])
-        return words, batch["word_mask"]
+        return self.task_modules[task].to_words(feats, batch)
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         task = self.task_of(batch)
@@ -269,49 +235,25 @@ class MultiTaskModule(TransferModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         task, task_loss = self.task_loss(batch)
         loss = task_loss * self.tasks[task].loss_weight
-        if self.checks_finite_loss_now(loss) and not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss of task {task!r} is {loss.item()} at global step "
-                f"{self.global_step} (epoch {self.current_epoch}, batch {batch_idx}). Lower "
-                "optimizer.lr, keep trainer.gradient_clip_val set, or add warmup."
-            )
-        size = batch["labels"].shape[0]
+        self.check_loss(loss, batch_idx, f"training loss of task {task!r}")
         # every DDP process runs the same task at this step: the epoch-end sync is safe
         self.log(
             f"train/{task}/loss",
             task_loss,
             on_step=False,
             on_epoch=True,
-            batch_size=size,
+            batch_size=batch["labels"].shape[0],
             sync_dist=True,
         )
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size)
+        self.log_train_loss(loss, batch)
         return loss
 
     def _task_eval_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
-        task = self.task_of(batch)
-        feats, mask = self.encode_task(batch, task)
-        head = self.heads[task]
-        logits = head(feats, mask)
-        labels = batch["labels"]
-        loss = head.loss(logits, labels, mask)
-        self.log(
-            f"{stage}/{task}/loss",
-            loss,
-            on_epoch=True,
-            batch_size=labels.shape[0],
-            sync_dist=True,
-            add_dataloader_idx=False,
+        name, task = self.task_for(batch)
+        feats, mask = self.encode_task(batch, name)
+        return self.score_batch(
+            stage, f"{stage}/{name}", task, self.heads[name], feats, mask, batch
         )
-        preds = head.decode(logits, mask)
-        metric = (self.val_metrics if stage == "val" else self.test_metrics)[task]
-        if self.tasks[task].task == "classification":
-            metric.update(preds, labels)
-            if stage == "test":
-                self.test_reports[task].update(preds, labels)
-        else:
-            self._update_entity_metric(metric, preds, batch, f"{stage}/{task}")
-        return preds  # read by the PredictionWriter
 
     def validation_step(
         self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
@@ -326,15 +268,11 @@ class MultiTaskModule(TransferModule):
     def _log_task_metrics(self, stage: str) -> dict[str, float]:
         """Compute, log and reset every task's metrics, plus ``<stage>/mean_primary``."""
         names = list(self.tasks) if stage == "val" else self.test_tasks
-        metrics = self.val_metrics if stage == "val" else self.test_metrics
         flat: dict[str, float] = {}
         primaries: list[float] = []
         for name in names:  # same order on every process: computing syncs under DDP
-            spec, metric = self.tasks[name], metrics[name]
-            if spec.task != "classification":
-                self._flush_windows(f"{stage}/{name}", metric)
-            values = {k: float(v) for k, v in metric.compute().items()}
-            metric.reset()
+            spec = self.tasks[name]
+            values = self.task_modules[name].compute(stage)
             if spec.primary_metric not in values:
                 raise ConfigError(
                     f"tasks.{name}.primary_metric={spec.primary_metric!r} is not one of "
@@ -358,29 +296,10 @@ class MultiTaskModule(TransferModule):
         self._log_task_metrics("test")
         self.last_test_report = {}
         for name in self.test_tasks:
-            if name in self.test_reports:
-                report = self.test_reports[name]
-                for key, value in report.compute().items():
-                    self.last_test_report[f"test/{name}/per_class/{key}"] = value
-                report.reset()
+            for key, value in self.task_modules[name].report().items():
+                self.last_test_report[f"test/{name}/per_class/{key}"] = value
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        task = self.task_of(batch)
+        name, task = self.task_for(batch)
         logits, mask = self(batch)
-        head = self.heads[task]
-        out: dict[str, Any] = {"task": task, "preds": head.decode(logits, mask)}
-        if hasattr(head, "probabilities"):
-            out["probs"] = head.probabilities(logits, mask)
-        for key in ("sentence_id", "word_offset", "word_mask", "owned_mask"):
-            if key in batch:
-                out[key] = batch[key]
-        return out
-
-    # -- checkpoints ----------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["nlp_transfer"] = {
-            "task": "multitask",
-            "labels": self.labels,
-            "tasks": {name: spec.task for name, spec in self.tasks.items()},
-            "config": self.run_config,
-        }
+        return {"task": name, **self.prediction(task, self.heads[name], logits, mask, batch)}

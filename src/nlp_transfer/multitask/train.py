@@ -150,11 +150,8 @@ def build_multitask_module(
                 labels=datamodule.tasks[name].labels,
                 head=instantiate(node.head, _partial_=True),
                 loss_weight=float(node.get("loss_weight", 1.0)),
-                subword_pooling=(
-                    instantiate(pooling, _partial_=True)
-                    if kind == "sequence_labeling" and pooling
-                    else None
-                ),
+                # word-level tasks build it (nlp_transfer.tasks.build_task)
+                subword_pooling=instantiate(pooling, _partial_=True) if pooling else None,
                 primary_metric=node.get("primary_metric"),
             )
         )

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,19 +30,18 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 from nlp_transfer.data.alignment import IGNORE_INDEX, merge_window_predictions
 from nlp_transfer.training.predictions import Predictions, write_predictions
 
+if TYPE_CHECKING:
+    from nlp_transfer.module import TransferCore
+
 log = logging.getLogger(__name__)
 
 INDEX_KEYS = {"classification": "example_id", "sequence_labeling": "sentence_id"}
 
 
-def _task_of(pl_module: LightningModule, batch: dict[str, Any]) -> tuple[str | None, str, list]:
-    """``(task name or None, task type, labels)`` of a batch (multi-task modules have
-    ``tasks``; a single-task module has ``task`` and ``labels``)."""
-    tasks = getattr(pl_module, "tasks", None)
-    if isinstance(tasks, dict):
-        name = pl_module.task_of(batch)
-        return name, tasks[name].task, list(tasks[name].labels)
-    return None, str(pl_module.task), list(pl_module.labels)
+def _task_of(pl_module: TransferCore, batch: dict[str, Any]) -> tuple[str | None, str, list]:
+    """``(task name or None, task type, labels)`` of a batch (``TransferCore.task_for``)."""
+    name, task = pl_module.task_for(batch)
+    return name, task.name, list(task.labels)
 
 
 def _gather(rows: list[Any]) -> list[Any] | None:
