@@ -148,6 +148,23 @@ def test_cpu_probe_reads_torch_capabilities_or_proc_cpuinfo(monkeypatch, tmp_pat
     assert got["name"] == "Some CPU"
 
 
+def test_a_onednn_isa_limit_below_bf16_counts_as_no_native_bf16(monkeypatch) -> None:
+    caps = {"avx2": True, "avx512_f": True, "avx512_bf16": True, "amx_bf16": True}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    for var in hardware.ISA_LIMIT_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert cpu_features()["bf16"] and probe_hardware("cpu").kind == CPU_BF16
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    hw = probe_hardware("cpu")
+    assert hw.kind == CPU and not hw.bf16 and hw.flags == tuple(caps)  # flags as they are
+    assert hw.isa_limit == "AVX2" and "oneDNN limited to AVX2" in hw.describe()
+    assert auto_precision(hw)[0] == "32-true"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert probe_hardware("cpu").kind == CPU_BF16
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    assert cpu_features()["isa_limit"] is None
+
+
 def test_probe_follows_the_trainer_accelerator(monkeypatch) -> None:
     assert probe_hardware("cpu").device == "cpu"
     assert probe_hardware("cpu").kind in (CPU, CPU_BF16)

@@ -12,7 +12,10 @@ One probe and one table decide, once at the start of a run (before anything is b
   explicit value always wins.
 
 The CPU's features come from torch's own cpuinfo (``torch.cpu.get_capabilities()``), or
-``/proc/cpuinfo`` where that is missing: no benchmark at start.
+``/proc/cpuinfo`` where that is missing: no benchmark at start. A oneDNN ISA limit
+(``ONEDNN_MAX_CPU_ISA``, which torch's CPU matmuls obey) below AVX512_CORE_BF16 makes bf16
+emulated on any CPU, so it counts as no native bf16: the run then behaves as on an AVX2-only
+CPU (``benchmarks/`` use this to measure that kind on a machine that has AMX).
 """
 
 from __future__ import annotations
@@ -39,6 +42,17 @@ KINDS = (CUDA, CPU_BF16, CPU, OTHER)
 CPU_FLAGS = ("avx2", "avx512_f", "avx512_bf16", "amx_tile", "amx_bf16")
 _NATIVE_BF16 = ("avx512_bf16", "amx_bf16")
 _LINUX_NAMES = {"avx512_f": "avx512f"}  # /proc/cpuinfo spelling where it differs
+ISA_LIMIT_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+# oneDNN ISA limits under which its bf16 kernels are emulated (no AVX512-BF16 / AMX code)
+_ISA_WITHOUT_BF16 = (
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+)
 
 # speed mechanism -> the config key that switches it
 SPEED_KNOBS: dict[str, str] = {
@@ -86,6 +100,7 @@ class Hardware:
     bf16: bool  # native bf16 arithmetic
     flags: tuple[str, ...] = ()  # CPU_FLAGS present
     cores: int | None = None
+    isa_limit: str | None = None  # ONEDNN_MAX_CPU_ISA, when set
     capability: tuple[int, int] | None = None  # CUDA compute capability
 
     def describe(self) -> str:
@@ -94,13 +109,14 @@ class Hardware:
             return f"{self.name} ({cc}bf16 {'yes' if self.bf16 else 'no'})"
         if self.device == "cpu":
             flags = ", ".join(self.flags) or "none of " + "/".join(CPU_FLAGS)
-            return f"CPU {self.name}, {self.cores} cores, flags {flags}"
+            limit = f", oneDNN limited to {self.isa_limit}" if self.isa_limit else ""
+            return f"CPU {self.name}, {self.cores} cores, flags {flags}{limit}"
         return f"{self.device} {self.name}".strip()
 
 
 def cpu_features() -> dict[str, Any]:
-    """CPU model, core count and which of :data:`CPU_FLAGS` it has (torch's cpuinfo, else
-    ``/proc/cpuinfo``)."""
+    """CPU model, core count, which of :data:`CPU_FLAGS` it has (torch's cpuinfo, else
+    ``/proc/cpuinfo``), the oneDNN ISA limit, and whether bf16 runs natively under it."""
     caps: Mapping[str, Any] = {}
     get = getattr(getattr(torch, "cpu", None), "get_capabilities", None)
     if callable(get):
@@ -116,13 +132,24 @@ def cpu_features() -> dict[str, Any]:
         name = linux_name
     model = _proc_cpuinfo()[1] or name or platform.processor() or platform.machine()
     cores = caps.get("num_logical_cores") or os.cpu_count()
+    limit = isa_limit()
     return {
         "name": model,
         "cores": int(cores) if cores else None,
         "flags": tuple(f for f in CPU_FLAGS if f in flags),
-        "bf16": any(f in flags for f in _NATIVE_BF16),
+        "bf16": any(f in flags for f in _NATIVE_BF16) and limit not in _ISA_WITHOUT_BF16,
         "arch": platform.machine(),
+        "isa_limit": limit,
     }
+
+
+def isa_limit() -> str | None:
+    """The oneDNN ISA limit set in the environment (upper case), or None."""
+    for var in ISA_LIMIT_VARS:
+        value = os.environ.get(var, "").strip().upper()
+        if value and value not in ("ALL", "DEFAULT"):
+            return value
+    return None
 
 
 def _proc_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[set[str], str]:
@@ -184,6 +211,7 @@ def probe_hardware(accelerator: Any = AUTO) -> Hardware:
             bf16=cpu["bf16"],
             flags=cpu["flags"],
             cores=cpu["cores"],
+            isa_limit=cpu["isa_limit"],
         )
     return Hardware(kind=OTHER, device=device, name="", bf16=False)
 
@@ -309,6 +337,8 @@ def fingerprint() -> dict[str, Any]:
         "arch": cpu["arch"],
         "cpu_flags": list(cpu["flags"]),
         "cpu_native_bf16": cpu["bf16"],
+        "cpu_isa_limit": cpu["isa_limit"],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": cpu["cores"],
         "gpu": gpu,
         "torch": torch.__version__,
@@ -321,7 +351,12 @@ def describe_fingerprint(fp: Mapping[str, Any]) -> str:
     flags = {f: f in fp.get("cpu_flags", ()) for f in CPU_FLAGS}
     shown = ", ".join(f"{f} {'yes' if on else 'no'}" for f, on in flags.items())
     gpu = f"; GPU {fp['gpu']}" if fp.get("gpu") else "; no GPU"
-    return f"CPU {fp.get('cpu')} ({fp.get('arch')}), {fp.get('cores')} cores, {shown}{gpu}; torch {fp.get('torch')}"
+    limit = f", oneDNN limited to {fp['cpu_isa_limit']}" if fp.get("cpu_isa_limit") else ""
+    cap = f" (CPU kernels {fp['torch_cpu_capability']})" if fp.get("torch_cpu_capability") else ""
+    return (
+        f"CPU {fp.get('cpu')} ({fp.get('arch')}), {fp.get('cores')} cores, {shown}{limit}"
+        f"{gpu}; torch {fp.get('torch')}{cap}"
+    )
 
 
 def fingerprint_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
