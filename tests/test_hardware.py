@@ -131,6 +131,8 @@ def test_explicit_knobs_win_and_bad_values_name_the_key(make_cfg, monkeypatch) -
 
 
 def test_cpu_probe_reads_torch_capabilities_or_proc_cpuinfo(monkeypatch, tmp_path) -> None:
+    for var in hardware.ISA_LIMIT_VARS:  # a limit set for the whole run must not interfere
+        monkeypatch.delenv(var, raising=False)
     caps = {"avx2": True, "avx512_f": True, "avx512_bf16": False, "amx_bf16": False}
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {**caps, "num_logical_cores": 4})
     got = cpu_features()

@@ -320,15 +320,15 @@ class TransferModule(TransferCore):
         speed: SpeedMachinery | None = None,
         subtoken_loss: bool = False,
     ) -> None:
-        super().__init__(
+        super().__init__(  # TransferCore's arguments, in its order
             encoder,
             optimizer,
-            scheduler=scheduler,
-            layer_pooling=layer_pooling,
-            log_grad_norm=log_grad_norm,
-            check_finite_loss=check_finite_loss,
-            run_config=run_config,
-            speed=speed,
+            scheduler,
+            layer_pooling,
+            log_grad_norm,
+            check_finite_loss,
+            run_config,
+            speed,
         )
         self.task: Task = build_task(task, labels, subword_pooling)
         self.labels = self.task.labels

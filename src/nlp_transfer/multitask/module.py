@@ -138,15 +138,15 @@ class MultiTaskModule(TransferCore):
                 "strategy=auxiliary is not supported with several tasks (its auxiliary heads "
                 "copy the single head); choose another strategy"
             )
-        super().__init__(
+        super().__init__(  # TransferCore's arguments, in its order
             encoder,
             optimizer,
-            scheduler=scheduler,
-            layer_pooling=layer_pooling,
-            log_grad_norm=log_grad_norm,
-            check_finite_loss=check_finite_loss,
-            run_config=run_config,
-            speed=speed,
+            scheduler,
+            layer_pooling,
+            log_grad_norm,
+            check_finite_loss,
+            run_config,
+            speed,
         )
         self.tasks: dict[str, TaskSpec] = {}
         for spec in tasks:

@@ -91,7 +91,7 @@ class Auxiliary(TransferStrategy):
         total = hidden[-1].new_zeros((), dtype=torch.float32)
         labels = batch["labels"]
         for name, aux in module.aux_heads.items():
-            feats, mask = module.to_words(hidden[int(name.split("_")[-1])], batch)
+            feats, mask = module.task.to_words(hidden[int(name.split("_")[-1])], batch)
             logits = aux(feats, mask)
             loss = aux.loss(logits, labels, mask)
             total = total + loss
