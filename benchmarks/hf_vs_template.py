@@ -783,7 +783,7 @@ def main(argv: list[str] | None = None) -> None:
             result = launch(spec, raw, log_dir, len(runs) + 1, args.omp_wait_policy)
             if fingerprint_differences(result["hardware"], machine):
                 raise SystemExit(f"run {spec['label']} ran on other hardware than this process")
-            runs.append({**spec, **result, "round": r})
+            runs.append({**spec, **result, "round": r, "seed": args.seed})
             phases = result.get("ms_per_step")
             extra = (
                 f"; ms/step {', '.join(f'{k} {v:.0f}' for k, v in phases.items())}"
@@ -813,13 +813,21 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(
         f"task {args.task}: {rows[0]['examples']} training examples x {args.epochs} epoch(s), "
-        f"batch {args.batch_size}, lr {args.lr}, max length {args.max_length}, seed {args.seed}"
+        f"batch {args.batch_size}, lr {args.lr}, max length {args.max_length}, seed(s) "
+        f"{', '.join(str(v) for v in sorted({x.get('seed', args.seed) for x in runs}))}"
     )
     print(table(rows, peak, args.epochs))
     if len({x["round"] for x in runs}) > 1:
         for spec in specs:
             times = [f"{x['train_s']:.1f}" for x in runs if x["label"] == spec["label"]]
             print(f"  {spec['label']}: train s of each repeat {', '.join(times)} (table: fastest)")
+        for spec in specs:
+            values = [x["metric"] for x in runs if x["label"] == spec["label"]]
+            if len(values) > 1:
+                print(
+                    f"  {spec['label']}: {rows[0]['metric_name']} of each repeat "
+                    f"{', '.join(f'{v:.4f}' for v in values)}; mean {statistics.mean(values):.4f}"
+                )
         for line in paired_ratios(runs, specs):
             print(line)
     n = rows[0]["params_nonembedding"]

@@ -253,8 +253,9 @@ def test_sklearn_and_multitask_runs_resolve_auto_too(make_cfg, monkeypatch) -> N
         )
     )
     assert metrics["precision"] == want == str(objects["trainer"].precision)
-    assert metrics["speed/fast_dropout"] is True  # both CPU kinds: on
-    assert objects["module"].speed.clip_norm_shortcut is True
+    row = AUTO_TABLE[hw.kind]
+    assert metrics["speed/fast_dropout"] is row["fast_dropout"]
+    assert objects["module"].speed.clip_norm_shortcut is row["clip_norm_shortcut"]
 
 
 def test_clipping_without_the_shortcut_scales_gradients_like_clip_grad_norm() -> None:
