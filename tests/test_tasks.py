@@ -142,3 +142,28 @@ def test_a_registered_task_type_plugs_into_single_and_multi_task_modules(topic_t
         )
     assert single.checkpoint_meta()["task"] == "topic"
     assert multi.tasks["t"].primary_metric == "acc"
+
+
+def test_whole_split_arrays_are_scored_like_batches() -> None:
+    """``update_examples`` (sklearn heads, probes) gives what ``update`` gives for the same
+    predictions: one owner of the metrics for both paths."""
+    import numpy as np
+
+    gold, pred = np.array([0, 1, 1, 0, 1]), np.array([0, 1, 0, 0, 1])
+    arrays, batches = ClassificationTask(["neg", "pos"]), ClassificationTask(["neg", "pos"])
+    arrays.update_examples("test", pred, gold)
+    batches.update("test", torch.as_tensor(pred), {"labels": torch.as_tensor(gold)})  # type: ignore[typeddict-item]
+    scores = arrays.compute("test")
+    assert scores == batches.compute("test") and scores["acc"] == pytest.approx(0.8)
+    report = arrays.report()
+    assert report and report == batches.report()
+
+    ner = SequenceLabelingTask(TAGS)
+    with pytest.raises(ValueError, match="offsets"):
+        ner.update_examples("val", np.array([0, 1]), np.array([0, 1]))
+    # sentence 1: "B-PER I-PER O" found; sentence 2: "O B-PER" missed
+    words_gold = np.array([1, 2, 0, 0, 1])
+    words_pred = np.array([1, 2, 0, 0, 0])
+    ner.update_examples("val", words_pred, words_gold, np.array([0, 3, 5]))
+    scores = ner.compute("val")
+    assert scores["precision"] == pytest.approx(1.0) and scores["recall"] == pytest.approx(0.5)

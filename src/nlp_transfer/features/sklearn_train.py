@@ -16,7 +16,6 @@ embeddings, ``-1`` = top; or a list of indices), ``layer_combine`` (a list's com
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from typing import Any
 
 import joblib
 import numpy as np
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
 from sklearn.pipeline import make_pipeline
@@ -44,8 +42,7 @@ from nlp_transfer.features.extract import (
     select_layers,
     split_labels,
 )
-from nlp_transfer.metrics.classification import PerClassReport, classification_metrics
-from nlp_transfer.metrics.entity import EntityF1
+from nlp_transfer.tasks import build_task
 from nlp_transfer.training.hardware import apply_hardware_settings, metrics_record
 from nlp_transfer.training.predictions import Predictions, write_predictions
 from nlp_transfer.training.resume import RunPlan, slurm_fields
@@ -55,7 +52,6 @@ from nlp_transfer.utils.io import OutputExistsError, atomic_write_json, write_at
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.joblib"
-IGNORE_INDEX = -100
 _EVAL_SPLITS = (("val", "validation"), ("test", "test"))
 
 
@@ -124,17 +120,6 @@ def split_matrix(
     return SplitData(x=x, y=y, offsets=offsets)
 
 
-def _pad_sentences(values: np.ndarray, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Word-level values split at ``offsets`` → ``[sentences, max words]`` and a mask."""
-    lengths = np.diff(offsets)
-    width = int(lengths.max()) if len(lengths) else 0
-    out = torch.full((len(lengths), width), IGNORE_INDEX, dtype=torch.long)
-    for i, (start, end) in enumerate(itertools.pairwise(offsets.tolist())):
-        out[i, : end - start] = torch.as_tensor(values[start:end], dtype=torch.long)
-    mask = torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]
-    return out, mask
-
-
 def score_predictions(
     preds: np.ndarray,
     data: SplitData,
@@ -143,24 +128,13 @@ def score_predictions(
     stage: str,
     per_class: bool = False,
 ) -> dict[str, float]:
-    """``{stage}/<metric>`` for predicted label ids, computed like a torch run does."""
-    preds = np.asarray(preds, dtype=np.int64)
-    if task == "classification":
-        metrics = classification_metrics(len(labels)).clone(prefix=f"{stage}/")
-        p, g = torch.as_tensor(preds), torch.as_tensor(data.y)
-        metrics.update(p, g)
-        out = {k: float(v) for k, v in metrics.compute().items()}
-        if per_class:
-            report = PerClassReport(labels)
-            report.update(p, g)
-            out.update({f"{stage}/per_class/{k}": v for k, v in report.compute().items()})
-        return out
-    assert data.offsets is not None
-    metric = EntityF1(labels)
-    pred_ids, mask = _pad_sentences(preds, data.offsets)
-    gold_ids, _ = _pad_sentences(data.y, data.offsets)
-    metric.update(pred_ids, gold_ids, mask)
-    return {f"{stage}/{k}": float(v) for k, v in metric.compute().items()}
+    """``{stage}/<metric>`` for predicted label ids, scored by the task like a torch run."""
+    scorer = build_task(task, labels)
+    scorer.update_examples(stage, preds, data.y, data.offsets)
+    out = {f"{stage}/{k}": v for k, v in scorer.compute(stage).items()}
+    if per_class:
+        out.update({f"{stage}/per_class/{k}": v for k, v in scorer.report().items()})
+    return out
 
 
 def split_predictions(

@@ -7,6 +7,7 @@ module composes next to the encoder, the poolings and the head:
   labeling: subtokens → words with the task's subword pooling);
 - ``update(stage, preds, batch)`` / ``compute(stage)``: the stage's metrics (sequence
   labeling keeps windows of long sentences until the epoch ends and merges them first);
+  ``update_examples`` scores a whole split of label-id arrays (sklearn heads, probes);
 - ``report()``: the per-class test report;
 - ``predict_keys``: batch keys a prediction carries along (window bookkeeping).
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 from torchmetrics import Metric, MetricCollection
@@ -68,6 +70,13 @@ class Task(nn.Module):
         """Score one batch of decoded predictions."""
         self.metrics[stage].update(preds, batch["labels"])
 
+    def update_examples(
+        self, stage: str, preds: np.ndarray, gold: np.ndarray, offsets: np.ndarray | None = None
+    ) -> None:
+        """Score the label ids of a whole split held as arrays (sklearn heads, probes): one
+        per example, or one per word with ``offsets`` marking where sentences start."""
+        self.metrics[stage].update(label_ids(preds), label_ids(gold))
+
     def compute(self, stage: str) -> dict[str, float]:
         """The stage's metrics over every process (names without prefix), then reset."""
         metric = self.metrics[stage]
@@ -78,6 +87,11 @@ class Task(nn.Module):
     def report(self) -> dict[str, float]:
         """Per-class test numbers (``<label>/<measure>``), then reset; none by default."""
         return {}
+
+
+def label_ids(values: np.ndarray) -> torch.Tensor:
+    """Label ids as the metrics take them (int64)."""
+    return torch.as_tensor(np.asarray(values, dtype=np.int64))
 
 
 TASKS: dict[str, type[Task]] = {}

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torchmetrics import MetricCollection
 
 from nlp_transfer.data.batch import Batch
 from nlp_transfer.metrics.classification import PerClassReport, classification_metrics
-from nlp_transfer.tasks.base import Task, register_task
+from nlp_transfer.tasks.base import Task, label_ids, register_task
 
 
 @register_task
@@ -29,6 +30,13 @@ class ClassificationTask(Task):
         super().update(stage, preds, batch)
         if stage == "test":
             self.test_report.update(preds, batch["labels"])
+
+    def update_examples(
+        self, stage: str, preds: np.ndarray, gold: np.ndarray, offsets: np.ndarray | None = None
+    ) -> None:
+        super().update_examples(stage, preds, gold, offsets)
+        if stage == "test":
+            self.test_report.update(label_ids(preds), label_ids(gold))
 
     def report(self) -> dict[str, float]:
         values = self.test_report.compute()

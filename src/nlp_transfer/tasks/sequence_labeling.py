@@ -7,18 +7,31 @@ word from the window that owns it), so no entity is cut at a window edge.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from nlp_transfer.data.alignment import merge_window_predictions
+from nlp_transfer.data.alignment import IGNORE_INDEX, merge_window_predictions
 from nlp_transfer.data.batch import Batch
 from nlp_transfer.metrics.entity import EntityF1
 from nlp_transfer.tasks.base import STAGES, Task, register_task
 
 Window = tuple[int, int, list[bool], list[int], list[int]]
+
+
+def pad_sentences(values: np.ndarray, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Word-level values split at ``offsets`` → ``[sentences, max words]`` and a mask."""
+    lengths = np.diff(offsets)
+    width = int(lengths.max()) if len(lengths) else 0
+    out = torch.full((len(lengths), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (start, end) in enumerate(itertools.pairwise(offsets.tolist())):
+        out[i, : end - start] = torch.as_tensor(values[start:end], dtype=torch.long)
+    mask = torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]
+    return out, mask
 
 
 @register_task
@@ -59,6 +72,15 @@ class SequenceLabelingTask(Task):
                     labels[i, :n].tolist(),
                 )
             )
+
+    def update_examples(
+        self, stage: str, preds: np.ndarray, gold: np.ndarray, offsets: np.ndarray | None = None
+    ) -> None:
+        if offsets is None:
+            raise ValueError("sequence labeling scores words: offsets (sentence starts) needed")
+        pred_ids, mask = pad_sentences(preds, offsets)
+        gold_ids, _ = pad_sentences(gold, offsets)
+        self.metrics[stage].update(pred_ids, gold_ids, mask)
 
     def compute(self, stage: str) -> dict[str, float]:
         self._score_windows(stage)
