@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from nlp_transfer.data.alignment import IGNORE_INDEX
 from nlp_transfer.data.base import TransferDataModule, grouped_loader, overfitting
 from nlp_transfer.data.batch import FeatureBatch
 from nlp_transfer.data.sampler import DEFAULT_MEGABATCH_MULT, lengths_of
@@ -51,7 +52,6 @@ from nlp_transfer.features.extract import (
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 _STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",)}
 
 

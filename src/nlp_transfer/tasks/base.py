@@ -68,14 +68,18 @@ class Task(nn.Module):
 
     def update(self, stage: str, preds: torch.Tensor, batch: Batch) -> None:
         """Score one batch of decoded predictions."""
-        self.metrics[stage].update(preds, batch["labels"])
+        self.score_ids(stage, preds, batch["labels"])
 
     def update_examples(
         self, stage: str, preds: np.ndarray, gold: np.ndarray, offsets: np.ndarray | None = None
     ) -> None:
         """Score the label ids of a whole split held as arrays (sklearn heads, probes): one
         per example, or one per word with ``offsets`` marking where sentences start."""
-        self.metrics[stage].update(label_ids(preds), label_ids(gold))
+        self.score_ids(stage, label_ids(preds), label_ids(gold))
+
+    def score_ids(self, stage: str, preds: torch.Tensor, gold: torch.Tensor) -> None:
+        """Add one id per example to the stage's metrics: what both update paths share."""
+        self.metrics[stage].update(preds, gold)
 
     def compute(self, stage: str) -> dict[str, float]:
         """The stage's metrics over every process (names without prefix), then reset."""

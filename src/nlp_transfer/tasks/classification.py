@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torchmetrics import MetricCollection
 
-from nlp_transfer.data.batch import Batch
 from nlp_transfer.metrics.classification import PerClassReport, classification_metrics
-from nlp_transfer.tasks.base import Task, label_ids, register_task
+from nlp_transfer.tasks.base import Task, register_task
 
 
 @register_task
@@ -26,17 +24,10 @@ class ClassificationTask(Task):
     def build_metric(self) -> MetricCollection:
         return classification_metrics(len(self.labels))
 
-    def update(self, stage: str, preds: torch.Tensor, batch: Batch) -> None:
-        super().update(stage, preds, batch)
+    def score_ids(self, stage: str, preds: torch.Tensor, gold: torch.Tensor) -> None:
+        super().score_ids(stage, preds, gold)
         if stage == "test":
-            self.test_report.update(preds, batch["labels"])
-
-    def update_examples(
-        self, stage: str, preds: np.ndarray, gold: np.ndarray, offsets: np.ndarray | None = None
-    ) -> None:
-        super().update_examples(stage, preds, gold, offsets)
-        if stage == "test":
-            self.test_report.update(label_ids(preds), label_ids(gold))
+            self.test_report.update(preds, gold)
 
     def report(self) -> dict[str, float]:
         values = self.test_report.compute()
