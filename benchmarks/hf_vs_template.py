@@ -31,8 +31,8 @@ no checkpoint saving, one evaluation on the validation split at the end.
 
 Throughput is measured over the training loop only (first to last step, any validation run
 inside it subtracted): ``tokens/s`` = non-padding tokens of all training batches / that
-time. ``MFU`` = ``6 * N * tokens/s`` / the bf16 matmul peak measured by this script, where
-``N`` = parameters outside the embedding layer (word/position/type embeddings excluded, the
+time. ``MFU`` = ``6 * N * tokens/s`` / the matmul peak of the run's precision (bf16 for
+bf16 runs, fp32 for fp32 runs) measured by this script, where ``N`` = parameters outside the embedding layer (word/position/type embeddings excluded, the
 usual Kaplan et al. convention; attention-score FLOPs, < 3 % at these lengths, ignored).
 """
 
@@ -616,6 +616,14 @@ def measure_peak_in_child(
     return peak
 
 
+def peak_gflops_for(precision: str, peak: dict[str, Any] | None) -> float | None:
+    """The matmul peak a run of ``precision`` is measured against (``None``: not measured)."""
+    if not peak:
+        return None
+    fp32 = precision.startswith("32") or precision.startswith("fp32")
+    return peak.get("fp32_gflops") if fp32 else peak.get("bf16_gflops")
+
+
 def table(rows: list[dict[str, Any]], peak: dict[str, Any] | None, epochs: int) -> str:
     """A Markdown table of the runs; ratios are against the fastest HF run."""
     hf = [r for r in rows if r["kind"] == "hf"]
@@ -624,15 +632,16 @@ def table(rows: list[dict[str, Any]], peak: dict[str, Any] | None, epochs: int) 
     head = (
         "| run | precision | train s | tokens/s | examples/s | padding | peak RSS | "
         + ("peak GPU mem | " if gpu else "")
-        + f"{rows[0]['metric_name']} | MFU (bf16 peak) | speed vs HF best | total s |"
+        + f"{rows[0]['metric_name']} | MFU (own precision's peak) | speed vs HF best | total s |"
     )
     lines = [head, "|" + "---|" * (12 if gpu else 11)]
     for r in rows:
         tps = r["real_tokens"] / r["train_s"]
         pad = 1 - r["real_tokens"] / max(r["padded_tokens"], 1)
+        gflops = peak_gflops_for(str(r.get("precision", "")), peak)
         mfu = (
-            f"{100 * 6 * r['params_nonembedding'] * tps / (peak['bf16_gflops'] * 1e9):.1f} %"
-            if peak and not r.get("frozen")
+            f"{100 * 6 * r['params_nonembedding'] * tps / (gflops * 1e9):.1f} %"
+            if gflops and not r.get("frozen")
             else "n/a"  # 6·N·T counts a full backward pass, which a frozen encoder skips
         )
         speed = f"{best['train_s'] / r['train_s']:.2f}x" if best else "n/a"
@@ -692,6 +701,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-peak", action="store_true", help="no matmul peak / MFU")
     p.add_argument(
         "--peak-gflops", type=float, default=None, help="bf16 peak for MFU instead of measuring"
+    )
+    p.add_argument(
+        "--peak-gflops-fp32",
+        type=float,
+        default=None,
+        help="fp32 peak for the MFU of fp32 runs instead of measuring (with --peak-gflops)",
     )
     p.add_argument("--peak-size", type=int, default=2048)
     p.add_argument("--peak-seconds", type=float, default=3.0)
@@ -772,7 +787,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     peak = None
     if args.peak_gflops:
-        peak = {"bf16_gflops": args.peak_gflops, "source": "--peak-gflops"}
+        peak = {
+            "bf16_gflops": args.peak_gflops,
+            "fp32_gflops": args.peak_gflops_fp32,
+            "source": "--peak-gflops",
+        }
     elif not args.skip_peak:
         peak = measure_peak_in_child(raw, log_dir, args.omp_wait_policy, "before the runs")
     runs: list[dict[str, Any]] = []
@@ -800,8 +819,15 @@ def main(argv: list[str] | None = None) -> None:
     if peak is not None and not args.peak_gflops:
         # measured again: the larger value is the one less disturbed by other processes
         after = measure_peak_in_child(raw, log_dir, args.omp_wait_policy, "after the runs")
-        peak = max(peak, after, key=lambda p: p["bf16_gflops"])
-        print(f"bf16 peak used for MFU: {peak['bf16_gflops']:,.0f} GFLOP/s (the larger)")
+        # per precision, the larger value is the one less disturbed by other processes
+        peak = {
+            **peak,
+            **{k: max(peak[k], after[k]) for k in ("bf16_gflops", "fp32_gflops")},
+        }
+        print(
+            f"peaks used for MFU (the larger of the two): bf16 {peak['bf16_gflops']:,.0f}, "
+            f"fp32 {peak['fp32_gflops']:,.0f} GFLOP/s"
+        )
     if previous is not None:
         runs = [*previous["runs"], *runs]
         peak = peak or previous.get("peak")
@@ -832,7 +858,9 @@ def main(argv: list[str] | None = None) -> None:
             print(line)
     n = rows[0]["params_nonembedding"]
     print(
-        f"\nMFU = 6 x N x tokens/s / bf16 peak, N = {n:,} non-embedding parameters "
+        f"\nMFU = 6 x N x tokens/s / the matmul peak of the run's precision (bf16 runs: "
+        "bf16 peak, fp32 runs: fp32 peak), "
+        f"N = {n:,} non-embedding parameters "
         f"(of {rows[0]['params']:,}); padding = share of padded positions in training batches."
     )
     print(f"load average after: {os.getloadavg()}")

