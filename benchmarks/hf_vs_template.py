@@ -32,8 +32,9 @@ no checkpoint saving, one evaluation on the validation split at the end.
 Throughput is measured over the training loop only (first to last step, any validation run
 inside it subtracted): ``tokens/s`` = non-padding tokens of all training batches / that
 time. ``MFU`` = ``6 * N * tokens/s`` / the matmul peak of the run's precision (bf16 for
-bf16 runs, fp32 for fp32 runs) measured by this script, where ``N`` = parameters outside the embedding layer (word/position/type embeddings excluded, the
-usual Kaplan et al. convention; attention-score FLOPs, < 3 % at these lengths, ignored).
+bf16 runs, fp32 for fp32 runs) measured by this script, where ``N`` = parameters outside the
+embedding layer (word/position/type embeddings excluded, the usual Kaplan et al.
+convention; attention-score FLOPs, < 3 % at these lengths, ignored).
 """
 
 from __future__ import annotations
@@ -620,7 +621,8 @@ def peak_gflops_for(precision: str, peak: dict[str, Any] | None) -> float | None
     """The matmul peak a run of ``precision`` is measured against (``None``: not measured)."""
     if not peak:
         return None
-    fp32 = precision.startswith("32") or precision.startswith("fp32")
+    fp32 = precision.startswith(("32", "fp32"))
+    # fp16 runs (GPUs only) are measured against the bf16 peak: the same tensor-core rate
     return peak.get("fp32_gflops") if fp32 else peak.get("bf16_gflops")
 
 
@@ -817,9 +819,9 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
     if peak is not None and not args.peak_gflops:
-        # measured again: the larger value is the one less disturbed by other processes
+        # measured again: per precision, the larger value is the one less disturbed by other
+        # processes
         after = measure_peak_in_child(raw, log_dir, args.omp_wait_policy, "after the runs")
-        # per precision, the larger value is the one less disturbed by other processes
         peak = {
             **peak,
             **{k: max(peak[k], after[k]) for k in ("bf16_gflops", "fp32_gflops")},

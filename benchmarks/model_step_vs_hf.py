@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +50,13 @@ def time_steps(
     params: list[Any],
     n: int,
     skip: int,
-    precision: str,
+    build_args: argparse.Namespace,
 ) -> None:
     optimizer = torch.optim.AdamW(params, lr=5e-5, fused=True)
     spent = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     for i in range(n):
         t0 = time.perf_counter()
-        amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-        with amp:
+        with profile_step.autocast(build_args):
             loss = loss_of(i)
         t1 = time.perf_counter()
         loss.backward()
@@ -113,27 +111,20 @@ def main(argv: list[str] | None = None) -> None:
                 input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=hf_labels[i]
             ).loss
 
-        ours = [p for p in module.parameters() if p.requires_grad]
+        models = (
+            ("template module", template_loss, [p for p in module.parameters() if p.requires_grad]),
+            ("HF token classifier", hf_loss, list(hf.parameters())),
+        )
         for k in range(args.passes):
             print(f"pass {k + 1}:")
-            time_steps("template module", template_loss, ours, len(batches), 3, args.precision)
-            time_steps(
-                "HF token classifier",
-                hf_loss,
-                list(hf.parameters()),
-                len(batches),
-                3,
-                args.precision,
-            )
+            for name, loss_of, params in models:
+                time_steps(name, loss_of, params, len(batches), 3, build_args)
         if args.matmul_share:
             from torch.profiler import ProfilerActivity, profile
 
-            for name, loss_of, params in (
-                ("template module", template_loss, ours),
-                ("HF token classifier", hf_loss, list(hf.parameters())),
-            ):
+            for name, loss_of, params in models:
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    time_steps(name, loss_of, params, len(batches), 0, args.precision)
+                    time_steps(name, loss_of, params, len(batches), 0, build_args)
                 share = profile_step.matmul_share(prof.key_averages(), len(batches))
                 print(f"{name:<26} profiled: {share}")
 
