@@ -60,6 +60,7 @@ from nlp_transfer.training.hardware import (
     describe_fingerprint,
     fingerprint,
     fingerprint_differences,
+    partial_isa_limit,
     probe_hardware,
 )
 
@@ -762,6 +763,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     machine = fingerprint()
     print(f"hardware: {describe_fingerprint(machine)}", flush=True)
+    if warning := partial_isa_limit(machine):
+        print(f"WARNING: {warning}", flush=True)
     settings = comparable_settings(args)
     previous = load_comparable(Path(args.append_to), machine, settings) if args.append_to else None
     hf_variants, template_variants = planned_variants(args)

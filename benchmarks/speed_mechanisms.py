@@ -33,6 +33,7 @@ from nlp_transfer.training.hardware import (
     auto_precision,
     describe_fingerprint,
     fingerprint,
+    partial_isa_limit,
     probe_hardware,
 )
 
@@ -127,7 +128,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     hw = probe_hardware("auto")
     rows = plan(hw.kind)
-    print(f"hardware: {describe_fingerprint(fingerprint())}")
+    machine = fingerprint()
+    print(f"hardware: {describe_fingerprint(machine)}")
+    if warning := partial_isa_limit(machine):
+        print(f"WARNING: {warning}")
     print(f"kind {hw.kind}; trainer.precision=auto -> {auto_precision(hw)[0]}")
     json_out = Path(args.json_out or "<temp dir>/runs.json")
     if args.json_out is None and not args.dry_run:

@@ -290,3 +290,22 @@ def test_clipping_without_the_shortcut_scales_gradients_like_clip_grad_norm() ->
     torch.testing.assert_close(
         table.grad.to_dense()[1], torch.tensor([0.6, 0.8]), atol=1e-5, rtol=0
     )
+
+
+def test_an_avx2_emulation_without_the_mkl_limit_is_flagged(monkeypatch) -> None:
+    for var in (*hardware.ISA_LIMIT_VARS, hardware.MKL_LIMIT_VAR):
+        monkeypatch.delenv(var, raising=False)
+    plain = hardware.fingerprint()
+    assert plain["mkl_isa_limit"] is None and hardware.partial_isa_limit(plain) is None
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    onednn_only = hardware.fingerprint()
+    warning = hardware.partial_isa_limit(onednn_only)
+    assert warning is not None and "MKL_ENABLE_INSTRUCTIONS=AVX2" in warning
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "avx2")
+    both = hardware.fingerprint()
+    assert both["mkl_isa_limit"] == "AVX2" and hardware.partial_isa_limit(both) is None
+    assert "oneDNN limited to AVX2, MKL limited to AVX2" in hardware.describe_fingerprint(both)
+    # results with and without MKL's limit are different machines to the benchmark tables
+    assert hardware.fingerprint_differences(onednn_only, both) == [
+        "mkl_isa_limit: None != 'AVX2'"
+    ]

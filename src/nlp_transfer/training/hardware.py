@@ -43,6 +43,10 @@ CPU_FLAGS = ("avx2", "avx512_f", "avx512_bf16", "amx_tile", "amx_bf16")
 _NATIVE_BF16 = ("avx512_bf16", "amx_bf16")
 _LINUX_NAMES = {"avx512_f": "avx512f"}  # /proc/cpuinfo spelling where it differs
 ISA_LIMIT_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+# MKL's own limit: torch's fp32 matmuls on x86 are MKL sgemm, which ignores oneDNN's limit
+# (2-core AMX Xeon, MiniLM shapes: 363-382 GFLOP/s under ONEDNN_MAX_CPU_ISA=AVX2 alone,
+# 223-230 with MKL_ENABLE_INSTRUCTIONS=AVX2 too), so an AVX2 emulation needs both
+MKL_LIMIT_VAR = "MKL_ENABLE_INSTRUCTIONS"
 # oneDNN ISA limits under which its bf16 kernels are emulated (no AVX512-BF16 / AMX code)
 _ISA_WITHOUT_BF16 = (
     "SSE41",
@@ -141,6 +145,7 @@ def cpu_features() -> dict[str, Any]:
         "bf16": any(f in flags for f in _NATIVE_BF16) and limit not in _ISA_WITHOUT_BF16,
         "arch": platform.machine(),
         "isa_limit": limit,
+        "mkl_isa_limit": os.environ.get(MKL_LIMIT_VAR, "").strip().upper() or None,
     }
 
 
@@ -340,6 +345,7 @@ def fingerprint() -> dict[str, Any]:
         "cpu_flags": list(cpu["flags"]),
         "cpu_native_bf16": cpu["bf16"],
         "cpu_isa_limit": cpu["isa_limit"],
+        "mkl_isa_limit": cpu["mkl_isa_limit"],
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": cpu["cores"],
         "gpu": gpu,
@@ -354,11 +360,25 @@ def describe_fingerprint(fp: Mapping[str, Any]) -> str:
     shown = ", ".join(f"{f} {'yes' if on else 'no'}" for f, on in flags.items())
     gpu = f"; GPU {fp['gpu']}" if fp.get("gpu") else "; no GPU"
     limit = f", oneDNN limited to {fp['cpu_isa_limit']}" if fp.get("cpu_isa_limit") else ""
+    if fp.get("mkl_isa_limit"):
+        limit += f", MKL limited to {fp['mkl_isa_limit']}"
     cap = f" (CPU kernels {fp['torch_cpu_capability']})" if fp.get("torch_cpu_capability") else ""
     return (
         f"CPU {fp.get('cpu')} ({fp.get('arch')}), {fp.get('cores')} cores, {shown}{limit}"
         f"{gpu}; torch {fp.get('torch')}{cap}"
     )
+
+
+def partial_isa_limit(fp: Mapping[str, Any]) -> str | None:
+    """A warning when oneDNN is limited but MKL is not: the emulated CPU kind then still
+    runs its fp32 matmuls with the real CPU's widest instructions."""
+    if fp.get("cpu_isa_limit") and not fp.get("mkl_isa_limit"):
+        return (
+            f"oneDNN is limited to {fp['cpu_isa_limit']} but MKL is not: fp32 matmuls (MKL "
+            f"sgemm) still use every instruction of this CPU; set {MKL_LIMIT_VAR}="
+            f"{fp['cpu_isa_limit'].split('_')[0]} as well to emulate the smaller CPU kind"
+        )
+    return None
 
 
 def fingerprint_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
