@@ -306,6 +306,4 @@ def test_an_avx2_emulation_without_the_mkl_limit_is_flagged(monkeypatch) -> None
     assert both["mkl_isa_limit"] == "AVX2" and hardware.partial_isa_limit(both) is None
     assert "oneDNN limited to AVX2, MKL limited to AVX2" in hardware.describe_fingerprint(both)
     # results with and without MKL's limit are different machines to the benchmark tables
-    assert hardware.fingerprint_differences(onednn_only, both) == [
-        "mkl_isa_limit: None != 'AVX2'"
-    ]
+    assert hardware.fingerprint_differences(onednn_only, both) == ["mkl_isa_limit: None != 'AVX2'"]
