@@ -12,7 +12,13 @@ with that mechanism flipped, plus the opt-in ``optimizer=lazy_adamw``, round-rob
 (``--repeat`` rounds) through ``benchmarks/hf_vs_template.py`` (one subprocess per run, no
 HF run). The table gives, per mechanism, the median over rounds of (train s without it) /
 (train s with it): above 1 it pays on this machine. Compare the ``auto`` column with it:
-where they disagree, ``AUTO_TABLE`` is wrong for this hardware kind.
+where they disagree, ``AUTO_TABLE`` is wrong for this hardware kind. A saving of a few
+milliseconds per step hides in run-to-run noise of the whole run, so the table also gives
+the Wilcoxon signed-rank p of the paired train times and, per phase (``forward``,
+``backward``, ``optimizer``), the paired median saving in ms/step and its p (with 3 pairs
+the smallest two-sided p possible is 0.25; 6 or more pairs can go below 0.05).
+``--from-json`` tabulates earlier results (several files: their rounds pooled) instead of
+running.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from scipy import stats
+
 from nlp_transfer.training.hardware import (
     AUTO_TABLE,
     MEASURED_ON,
@@ -33,6 +41,7 @@ from nlp_transfer.training.hardware import (
     auto_precision,
     describe_fingerprint,
     fingerprint,
+    fingerprint_differences,
     partial_isa_limit,
     probe_hardware,
 )
@@ -40,6 +49,7 @@ from nlp_transfer.training.hardware import (
 HERE = Path(__file__).resolve().parent
 BASELINE = "defaults"
 LAZY = "optimizer=lazy_adamw"
+PHASES = ("forward", "backward", "optimizer")
 
 
 def _bench() -> Any:
@@ -85,8 +95,9 @@ def summarise(runs: list[dict[str, Any]], rows: list[dict[str, Any]], kind: str)
     measured = set(MEASURED_ON.get(kind, ()))
     lines = [
         "| mechanism | auto here | measured for auto before | train s with | train s without "
-        "| speed-up (paired median) | pays here | metric with / without |",
-        "|---|---|---|---|---|---|---|---|",
+        "| speed-up (paired median) | pays here | train s: Wilcoxon p "
+        "| saved per phase, ms/step (p) | metric with / without |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows[1:]:
         knob = row["mechanism"]
@@ -106,9 +117,50 @@ def summarise(runs: list[dict[str, Any]], rows: list[dict[str, Any]], kind: str)
         lines.append(
             f"| {knob} | {'on' if auto else 'off'} | {'yes' if knob in measured else 'no'} | "
             f"{on_s:.1f} | {off_s:.1f} | {ratio:.3f}x | {'yes' if ratio > 1.0 else 'no'} | "
-            f"{metric} |"
+            f"{paired_p([off['train_s'] - on['train_s'] for on, off in pairs])} | "
+            f"{phase_saving(pairs)} | {metric} |"
         )
     return "\n".join(lines)
+
+
+def paired_p(differences: list[float]) -> str:
+    """Two-sided Wilcoxon signed-rank p of paired differences (exact for small samples)."""
+    if len(differences) < 2 or not any(differences):
+        return "n/a"
+    return f"{stats.wilcoxon(differences).pvalue:.3f}"
+
+
+def phase_saving(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
+    """Per phase: the paired median saving (ms/step, off - on) and its Wilcoxon p."""
+    if not all("ms_per_step" in on and "ms_per_step" in off for on, off in pairs):
+        return "n/a"
+    parts = []
+    for ph in PHASES:
+        saved = [off["ms_per_step"][ph] - on["ms_per_step"][ph] for on, off in pairs]
+        parts.append(f"{ph} {statistics.median(saved):.1f} (p {paired_p(saved)})")
+    return ", ".join(parts)
+
+
+def load_runs(paths: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Template runs of ``--json-out`` files, rounds renumbered so that files do not mix
+    their rounds; files of different machines or settings are refused."""
+    runs: list[dict[str, Any]] = []
+    first: dict[str, Any] | None = None
+    for i, path in enumerate(paths):
+        data = json.loads(Path(path).read_text())
+        if first is None:
+            first = data
+        else:
+            differ = fingerprint_differences(first["hardware"], data["hardware"])
+            if differ or first["settings"] != data["settings"]:
+                raise SystemExit(
+                    f"{path}: not the machine or settings of {paths[0]} "
+                    f"({'; '.join(differ) or 'settings differ'}); tabulate them apart"
+                )
+        base = 1000 * i
+        runs += [dict(r, round=base + r["round"]) for r in data["runs"] if r["kind"] == "template"]
+    assert first is not None
+    return runs, first
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -120,6 +172,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--json-out", default=None, help="keep hf_vs_template's results here")
     p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    p.add_argument(
+        "--from-json",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="tabulate these --json-out files (rounds pooled) instead of running",
+    )
     p.add_argument("bench_args", nargs="*", help="after --: more arguments for hf_vs_template.py")
     return p.parse_args(argv)
 
@@ -128,6 +187,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     hw = probe_hardware("auto")
     rows = plan(hw.kind)
+    if args.from_json:
+        runs, data = load_runs(args.from_json)
+        kind = runs[0]["hardware_kind"] if runs else hw.kind
+        rounds = len({r["round"] for r in runs})
+        print(f"hardware: {describe_fingerprint(data['hardware'])}")
+        print(
+            f"speed mechanisms on {kind}, {data['settings']['task']} x "
+            f"{data['settings']['max_train']}, {rounds} rounds from {len(args.from_json)} file(s)"
+        )
+        print(summarise(runs, plan(kind), kind))
+        return rows
     machine = fingerprint()
     print(f"hardware: {describe_fingerprint(machine)}")
     if warning := partial_isa_limit(machine):

@@ -167,6 +167,45 @@ def test_speed_mechanism_plan_flips_each_knob_and_pairs_rounds(capsys) -> None:
     )
 
 
+def test_speed_table_tests_paired_phase_savings_and_pools_json_files(tmp_path, capsys) -> None:
+    from nlp_transfer.training.hardware import fingerprint
+
+    speed = _load("speed_mechanisms")
+    noise = (0.3, -0.4, 0.2, -0.1, 0.5, -0.6, 0.1, -0.2)  # whole-run noise, no sign
+    runs = []
+    for r, eps in enumerate(noise):
+        for variant, opt in (("defaults", 20.0), ("model.clip_norm_shortcut=false", 25.0 + eps)):
+            ms = {"data": 2.0, "forward": 100.0 + eps, "backward": 150.0 - eps, "optimizer": opt}
+            runs.append(
+                {
+                    "kind": "template",
+                    "variant": variant,
+                    "round": r,
+                    "train_s": 30.0 + (eps if variant == "defaults" else -eps),
+                    "metric": 0.5,
+                    "ms_per_step": ms,
+                    "hardware_kind": "cpu",
+                }
+            )
+    table = speed.summarise(runs, speed.plan("cpu"), "cpu")
+    row = next(line for line in table.splitlines() if line.startswith("| clip_norm_shortcut"))
+    # the optimizer saves 5 ms in all 8 rounds: the smallest exact p of 8 pairs, 2/2^8
+    assert "optimizer 5.0 (p 0.008)" in row and "| 0.008 |" not in row  # whole run: noise
+    hw = fingerprint()
+    settings = {"task": "conll2003", "max_train": 3000}
+    for i, part in enumerate((runs[:8], runs[8:])):
+        data = {"hardware": hw, "settings": settings, "runs": part}
+        (tmp_path / f"{i}.json").write_text(json.dumps(data))
+    pooled, _ = speed.load_runs([str(tmp_path / "0.json"), str(tmp_path / "1.json")])
+    assert len({r["round"] for r in pooled}) == 8  # files keep their rounds apart
+    speed.main(["--from-json", str(tmp_path / "0.json"), str(tmp_path / "1.json")])
+    assert "8 rounds from 2 file(s)" in capsys.readouterr().out
+    other = {"hardware": {**hw, "mkl_isa_limit": "AVX2" if not hw["mkl_isa_limit"] else None}}
+    (tmp_path / "2.json").write_text(json.dumps({**data, **other}))
+    with pytest.raises(SystemExit, match="mkl_isa_limit"):
+        speed.load_runs([str(tmp_path / "0.json"), str(tmp_path / "2.json")])
+
+
 def test_gpu_check_script_parses_and_its_plan_validates_on_cpu(tmp_path: Path, capsys) -> None:
     proc = subprocess.run(["bash", "-n", "benchmarks/gpu_check.sh"], cwd=PROJECT_ROOT)
     assert proc.returncode == 0
