@@ -68,7 +68,8 @@ bench-speed: install  ## each speed mechanism on/off on this machine (CoNLL-2003
 AVX2_ENV := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
 
 bench-speed-avx2: install  ## bench-speed as on a CPU without native bf16 (AVX2 emulated)
-	$(AVX2_ENV) $(PY) benchmarks/speed_mechanisms.py --task conll2003 --max-train 3000 --repeat 3
+	$(AVX2_ENV) $(PY) benchmarks/speed_mechanisms.py --task conll2003 --max-train 3000 --repeat 3 \
+		-- --omp-wait-policy=default
 
 gpu-check: install  ## the GPU check (< 8 min on one CUDA GPU); ARGS="--dry-run" on any machine
 	bash benchmarks/gpu_check.sh $(ARGS)

@@ -124,7 +124,8 @@ def summarise(runs: list[dict[str, Any]], rows: list[dict[str, Any]], kind: str)
 
 
 def paired_p(differences: list[float]) -> str:
-    """Two-sided Wilcoxon signed-rank p of paired differences (exact for small samples)."""
+    """Two-sided Wilcoxon signed-rank p of paired differences (scipy >= 1.15: exact, by
+    permutation, for small samples also with ties)."""
     if len(differences) < 2 or not any(differences):
         return "n/a"
     return f"{stats.wilcoxon(differences).pvalue:.3f}"
@@ -142,12 +143,24 @@ def phase_saving(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
 
 
 def load_runs(paths: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Template runs of ``--json-out`` files, rounds renumbered so that files do not mix
-    their rounds; files of different machines or settings are refused."""
+    """Template runs of ``--json-out`` files, each round keyed ``(file, round)`` so that
+    files never merge their rounds; the same file twice, files without a hardware
+    fingerprint or settings, and files of different machines or settings are refused."""
     runs: list[dict[str, Any]] = []
     first: dict[str, Any] | None = None
+    seen: set[Path] = set()
     for i, path in enumerate(paths):
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise SystemExit(f"{path}: given twice; its rounds would count as new pairs")
+        seen.add(resolved)
         data = json.loads(Path(path).read_text())
+        missing = [k for k in ("hardware", "settings", "runs") if not data.get(k)]
+        if missing:
+            raise SystemExit(
+                f"{path}: no {', '.join(missing)} (not a hf_vs_template.py --json-out file "
+                "of this version); rerun the benchmark"
+            )
         if first is None:
             first = data
         else:
@@ -157,8 +170,12 @@ def load_runs(paths: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                     f"{path}: not the machine or settings of {paths[0]} "
                     f"({'; '.join(differ) or 'settings differ'}); tabulate them apart"
                 )
-        base = 1000 * i
-        runs += [dict(r, round=base + r["round"]) for r in data["runs"] if r["kind"] == "template"]
+        for r in data["runs"]:
+            if r.get("kind") != "template":
+                continue
+            if r.get("hardware_kind") not in AUTO_TABLE:
+                raise SystemExit(f"{path}: a run without a known hardware_kind; rerun it")
+            runs.append(dict(r, round=(i, r["round"])))
     assert first is not None
     return runs, first
 
@@ -196,8 +213,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             f"speed mechanisms on {kind}, {data['settings']['task']} x "
             f"{data['settings']['max_train']}, {rounds} rounds from {len(args.from_json)} file(s)"
         )
+        if warning := partial_isa_limit(data["hardware"]):
+            print(f"WARNING: {warning}")
         print(summarise(runs, plan(kind), kind))
-        return rows
+        return plan(kind)
     machine = fingerprint()
     print(f"hardware: {describe_fingerprint(machine)}")
     if warning := partial_isa_limit(machine):

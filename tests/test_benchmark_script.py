@@ -193,17 +193,31 @@ def test_speed_table_tests_paired_phase_savings_and_pools_json_files(tmp_path, c
     assert "optimizer 5.0 (p 0.008)" in row and "| 0.008 |" not in row  # whole run: noise
     hw = fingerprint()
     settings = {"task": "conll2003", "max_train": 3000}
-    for i, part in enumerate((runs[:8], runs[8:])):
-        data = {"hardware": hw, "settings": settings, "runs": part}
-        (tmp_path / f"{i}.json").write_text(json.dumps(data))
-    pooled, _ = speed.load_runs([str(tmp_path / "0.json"), str(tmp_path / "1.json")])
-    assert len({r["round"] for r in pooled}) == 8  # files keep their rounds apart
-    speed.main(["--from-json", str(tmp_path / "0.json"), str(tmp_path / "1.json")])
-    assert "8 rounds from 2 file(s)" in capsys.readouterr().out
+    files = []
+    for i, part in enumerate((runs[:8], runs[8:])):  # both files number their rounds 0-3
+        data = {
+            "hardware": hw,
+            "settings": settings,
+            "runs": [dict(r, round=r["round"] % 4) for r in part],
+        }
+        files.append(str(tmp_path / f"{i}.json"))
+        Path(files[-1]).write_text(json.dumps(data))
+    pooled, _ = speed.load_runs(files)
+    assert len({r["round"] for r in pooled}) == 8  # the files' rounds stay apart
+    speed.main(["--from-json", *files])
+    out = capsys.readouterr().out
+    assert "8 rounds from 2 file(s)" in out and "optimizer 5.0 (p 0.008)" in out
+    with pytest.raises(SystemExit, match="given twice"):
+        speed.load_runs([files[0], files[0]])
     other = {"hardware": {**hw, "mkl_isa_limit": "AVX2" if not hw["mkl_isa_limit"] else None}}
     (tmp_path / "2.json").write_text(json.dumps({**data, **other}))
     with pytest.raises(SystemExit, match="mkl_isa_limit"):
-        speed.load_runs([str(tmp_path / "0.json"), str(tmp_path / "2.json")])
+        speed.load_runs([files[0], str(tmp_path / "2.json")])
+    (tmp_path / "old.json").write_text(json.dumps({"hardware": hw, "runs": data["runs"]}))
+    with pytest.raises(SystemExit, match="no settings"):
+        speed.load_runs([str(tmp_path / "old.json")])
+    assert speed.paired_p([0.0, 0.0, 0.0]) == "n/a" and speed.paired_p([1.0]) == "n/a"
+    assert speed.phase_saving([({"train_s": 1.0}, {"train_s": 2.0})]) == "n/a"
 
 
 def test_gpu_check_script_parses_and_its_plan_validates_on_cpu(tmp_path: Path, capsys) -> None:

@@ -302,6 +302,11 @@ def test_an_avx2_emulation_without_the_mkl_limit_is_flagged(monkeypatch) -> None
     warning = hardware.partial_isa_limit(onednn_only)
     assert warning is not None and "MKL_ENABLE_INSTRUCTIONS=AVX2" in warning
     monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "avx2")
+    assert hardware.partial_isa_limit({"cpu_isa_limit": "SSE41"}).endswith(
+        "MKL_ENABLE_INSTRUCTIONS=SSE4_2 as well to emulate the smaller CPU kind"
+    )
+    # a limit at AVX-512 or above leaves fp32 matmuls as they are: nothing to warn about
+    assert hardware.partial_isa_limit({"cpu_isa_limit": "AVX512_CORE_AMX"}) is None
     both = hardware.fingerprint()
     assert both["mkl_isa_limit"] == "AVX2" and hardware.partial_isa_limit(both) is None
     assert "oneDNN limited to AVX2, MKL limited to AVX2" in hardware.describe_fingerprint(both)

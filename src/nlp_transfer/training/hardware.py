@@ -372,14 +372,20 @@ def describe_fingerprint(fp: Mapping[str, Any]) -> str:
     )
 
 
+# oneDNN ISA limits below AVX-512 -> the MKL_ENABLE_INSTRUCTIONS value that matches them
+_MKL_FOR_ISA = {"SSE41": "SSE4_2", "AVX": "AVX", "AVX2": "AVX2", "AVX2_VNNI": "AVX2"}
+_MKL_FOR_ISA["AVX2_VNNI_2"] = "AVX2"
+
+
 def partial_isa_limit(fp: Mapping[str, Any]) -> str | None:
-    """A warning when oneDNN is limited but MKL is not: the emulated CPU kind then still
-    runs its fp32 matmuls with the real CPU's widest instructions."""
-    if fp.get("cpu_isa_limit") and not fp.get("mkl_isa_limit"):
+    """A warning when oneDNN is limited below AVX-512 but MKL is not: the emulated CPU kind
+    then still runs its fp32 matmuls with the real CPU's widest instructions."""
+    limit = fp.get("cpu_isa_limit")
+    if limit in _MKL_FOR_ISA and not fp.get("mkl_isa_limit"):
         return (
-            f"oneDNN is limited to {fp['cpu_isa_limit']} but MKL is not: fp32 matmuls (MKL "
-            f"sgemm) still use every instruction of this CPU; set {MKL_LIMIT_VAR}="
-            f"{fp['cpu_isa_limit'].split('_')[0]} as well to emulate the smaller CPU kind"
+            f"oneDNN is limited to {limit} but MKL is not: fp32 matmuls (MKL sgemm) still "
+            f"use every instruction of this CPU; set {MKL_LIMIT_VAR}={_MKL_FOR_ISA[limit]} "
+            "as well to emulate the smaller CPU kind"
         )
     return None
 
