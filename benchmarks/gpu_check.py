@@ -170,12 +170,12 @@ def check_runs(out: Path) -> list[str]:
 def environment() -> None:
     import torch
 
-    from nlp_transfer.training.hardware import describe_fingerprint, fingerprint, probe_hardware
+    from nlp_transfer.training.hardware import fingerprint, fingerprint_report, probe_hardware
 
     print(
         f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
     )
-    print(f"hardware: {describe_fingerprint(fingerprint())}")
+    print(fingerprint_report(fingerprint()))
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible: this check needs one (see --dry-run)")
     hw = probe_hardware("auto")

@@ -57,10 +57,9 @@ import torch
 from pytorch_lightning import Callback
 
 from nlp_transfer.training.hardware import (
-    describe_fingerprint,
     fingerprint,
     fingerprint_differences,
-    partial_isa_limit,
+    fingerprint_report,
     probe_hardware,
 )
 
@@ -762,9 +761,7 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.result_file).write_text(json.dumps(result, indent=2))
         return
     machine = fingerprint()
-    print(f"hardware: {describe_fingerprint(machine)}", flush=True)
-    if warning := partial_isa_limit(machine):
-        print(f"WARNING: {warning}", flush=True)
+    print(fingerprint_report(machine), flush=True)
     settings = comparable_settings(args)
     previous = load_comparable(Path(args.append_to), machine, settings) if args.append_to else None
     hf_variants, template_variants = planned_variants(args)

@@ -39,10 +39,8 @@ from nlp_transfer.training.hardware import (
     MEASURED_ON,
     SPEED_KNOBS,
     auto_precision,
-    describe_fingerprint,
     fingerprint,
-    fingerprint_differences,
-    partial_isa_limit,
+    fingerprint_report,
     probe_hardware,
 )
 
@@ -144,33 +142,32 @@ def phase_saving(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
 
 def load_runs(paths: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Template runs of ``--json-out`` files, each round keyed ``(file, round)`` so that
-    files never merge their rounds; the same file twice, files without a hardware
-    fingerprint or settings, and files of different machines or settings are refused."""
+    files never merge their rounds. Refused: the same file twice, a first file without a
+    hardware fingerprint or settings, and later files that ``hf_vs_template``'s
+    ``load_comparable`` refuses against the first (other machine or settings)."""
+    bench = _bench()
     runs: list[dict[str, Any]] = []
     first: dict[str, Any] | None = None
     seen: set[Path] = set()
     for i, path in enumerate(paths):
         resolved = Path(path).resolve()
+        if not resolved.is_file():
+            raise SystemExit(f"{path}: no such results file")
         if resolved in seen:
             raise SystemExit(f"{path}: given twice; its rounds would count as new pairs")
         seen.add(resolved)
-        data = json.loads(Path(path).read_text())
-        missing = [k for k in ("hardware", "settings", "runs") if not data.get(k)]
-        if missing:
-            raise SystemExit(
-                f"{path}: no {', '.join(missing)} (not a hf_vs_template.py --json-out file "
-                "of this version); rerun the benchmark"
-            )
         if first is None:
+            data = json.loads(resolved.read_text())
+            missing = [k for k in ("hardware", "settings", "runs") if not data.get(k)]
+            if missing:
+                raise SystemExit(
+                    f"{path}: no {', '.join(missing)} (not a hf_vs_template.py --json-out "
+                    "file of this version); rerun the benchmark"
+                )
             first = data
         else:
-            differ = fingerprint_differences(first["hardware"], data["hardware"])
-            if differ or first["settings"] != data["settings"]:
-                raise SystemExit(
-                    f"{path}: not the machine or settings of {paths[0]} "
-                    f"({'; '.join(differ) or 'settings differ'}); tabulate them apart"
-                )
-        for r in data["runs"]:
+            data = bench.load_comparable(resolved, first["hardware"], first["settings"])
+        for r in data.get("runs", []):
             if r.get("kind") != "template":
                 continue
             if r.get("hardware_kind") not in AUTO_TABLE:
@@ -203,24 +200,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     hw = probe_hardware("auto")
-    rows = plan(hw.kind)
     if args.from_json:
         runs, data = load_runs(args.from_json)
         kind = runs[0]["hardware_kind"] if runs else hw.kind
+        rows = plan(kind)
         rounds = len({r["round"] for r in runs})
-        print(f"hardware: {describe_fingerprint(data['hardware'])}")
+        print(fingerprint_report(data["hardware"]))
         print(
             f"speed mechanisms on {kind}, {data['settings']['task']} x "
             f"{data['settings']['max_train']}, {rounds} rounds from {len(args.from_json)} file(s)"
         )
-        if warning := partial_isa_limit(data["hardware"]):
-            print(f"WARNING: {warning}")
-        print(summarise(runs, plan(kind), kind))
-        return plan(kind)
-    machine = fingerprint()
-    print(f"hardware: {describe_fingerprint(machine)}")
-    if warning := partial_isa_limit(machine):
-        print(f"WARNING: {warning}")
+        print(summarise(runs, rows, kind))
+        return rows
+    rows = plan(hw.kind)
+    print(fingerprint_report(fingerprint()))
     print(f"kind {hw.kind}; trainer.precision=auto -> {auto_precision(hw)[0]}")
     json_out = Path(args.json_out or "<temp dir>/runs.json")
     if args.json_out is None and not args.dry_run:

@@ -72,9 +72,9 @@ SPEED_KNOBS: dict[str, str] = {
 # medians: fused AdamW 1.16x, fast dropout 1.06x; the clipping-norm shortcut and the
 # embedding gradient buffer save 4.7 and 0.8 ms/step of optimizer time in 8 of 8 rounds,
 # p = 0.008, while their whole-run ratios, 1.014x and 1.009x, are inside the noise). A
-# mechanism that saves nothing measurable on a kind is set off for that kind. On CUDA the CPU-only mechanisms
-# are off (their kernels are CPU work; the GPU path is torch's own); fused AdamW is the
-# usual fast CUDA optimizer. Other accelerators (MPS, ...) get plain torch.
+# mechanism that saves nothing measurable on a kind is set off for that kind. On CUDA the
+# CPU-only mechanisms are off (their kernels are CPU work; the GPU path is torch's own);
+# fused AdamW is the usual fast CUDA optimizer. Other accelerators (MPS, ...) get plain torch.
 AUTO_TABLE: dict[str, dict[str, bool]] = {
     CUDA: {
         "fast_dropout": False,
@@ -373,8 +373,13 @@ def describe_fingerprint(fp: Mapping[str, Any]) -> str:
 
 
 # oneDNN ISA limits below AVX-512 -> the MKL_ENABLE_INSTRUCTIONS value that matches them
-_MKL_FOR_ISA = {"SSE41": "SSE4_2", "AVX": "AVX", "AVX2": "AVX2", "AVX2_VNNI": "AVX2"}
-_MKL_FOR_ISA["AVX2_VNNI_2"] = "AVX2"
+_MKL_FOR_ISA = {
+    "SSE41": "SSE4_2",
+    "AVX": "AVX",
+    "AVX2": "AVX2",
+    "AVX2_VNNI": "AVX2",
+    "AVX2_VNNI_2": "AVX2",
+}
 
 
 def partial_isa_limit(fp: Mapping[str, Any]) -> str | None:
@@ -388,6 +393,13 @@ def partial_isa_limit(fp: Mapping[str, Any]) -> str | None:
             "as well to emulate the smaller CPU kind"
         )
     return None
+
+
+def fingerprint_report(fp: Mapping[str, Any]) -> str:
+    """What benchmarks print first: the ``hardware:`` line, and the partial-limit warning."""
+    warning = partial_isa_limit(fp)
+    line = f"hardware: {describe_fingerprint(fp)}"
+    return f"{line}\nWARNING: {warning}" if warning else line
 
 
 def fingerprint_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
